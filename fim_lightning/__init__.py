@@ -1,0 +1,26 @@
+"""fim-lightning: input-space Fisher information of classifiers, for measuring and training robustness."""
+from fim_lightning.algorithms import TopEigenpair, TraceEstimate
+from fim_lightning.functional import (
+    fisher_operator,
+    fisher_robustness_radius,
+    fisher_spectral_norm,
+    fisher_top_eigenpair,
+    fisher_trace,
+    fisher_vector_product,
+)
+from fim_lightning.guard import preserved_state
+from fim_lightning.operator import FisherOperator
+
+__all__ = [
+    "FisherOperator",
+    "TopEigenpair",
+    "TraceEstimate",
+    "fisher_operator",
+    "fisher_robustness_radius",
+    "fisher_spectral_norm",
+    "fisher_top_eigenpair",
+    "fisher_trace",
+    "fisher_vector_product",
+    "preserved_state",
+]
+__version__ = "0.1.0"

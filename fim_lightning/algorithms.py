@@ -1,0 +1,266 @@
+"""Spectral algorithms on a `FisherOperator`: they only use its probabilities, JVPs and VJPs.
+
+- `exact_dual`: lambda_max(F) = lambda_max(G) for F = A^T A, G = A A^T ((C-1) x (C-1)), A = W J, from C - 1
+  VJPs and a float64 eigen-solve (`dual_weights` gives W). With `top_k`, the classes outside the top k are
+  merged into one: the Fisher of that coarse-grained distribution is a lower bound (data processing), and
+  the merged probability mass is reported.
+- `power_iteration` and `lanczos`: matrix-free on F v = J^T (M J v), one JVP + one VJP per step.
+- `gram_sketch`: the Hutchinson-type estimate E_z[(J z)(J z)^T] = J J^T from Rademacher probes (forward mode
+  only), pushed through W and eigen-solved.
+- `exact_trace` / `hutchinson_trace`: tr F = |A|_F^2 and tr F = E_z |W J z|^2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fim_lightning.operator import FisherOperator
+
+
+@dataclass(frozen=True)
+class TopEigenpair:
+    """lambda_max(F(x_i)) per sample and its eigenvector (the most sensitive input direction).
+
+    Attributes:
+        eigenvalue: (B,) estimate of lambda_max, in the dense-algebra dtype.
+        eigenvector: (B, *input_shape) unit vectors (for `gram_sketch` a noisy probe-space sketch).
+        residual: (B,) ||F v - lambda v|| / lambda for the iterative methods, else None.
+        steps: matrix-vector products (power, lanczos), VJPs (exact) or probes (gram sketch) used.
+        neglected_mass: (B,) probability merged into one class by `top_k`, else None.
+    """
+
+    eigenvalue: Tensor
+    eigenvector: Tensor
+    residual: Optional[Tensor]
+    steps: int
+    neglected_mass: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """tr F(x_i) per sample with its standard error (zero for the exact method)."""
+
+    value: Tensor
+    stderr: Tensor
+
+
+def default_generator(device: torch.device, generator: Optional[torch.Generator]) -> torch.Generator:
+    """The caller's generator, or a fresh one seeded with 0: random draws never touch the global RNG."""
+    return generator if generator is not None else torch.Generator(device=device).manual_seed(0)
+
+
+def _flat_norm(v: Tensor) -> Tensor:
+    return v.flatten(1).to(torch.float64).norm(dim=1)
+
+
+def _unit(v: Tensor) -> Tensor:
+    norm = v.flatten(1).norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
+    return v / norm.view(-1, *([1] * (v.ndim - 1)))
+
+
+def _per_sample(scalars: Tensor, like: Tensor) -> Tensor:
+    return scalars.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
+    bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
+    return (2 * bits - 1).to(like.dtype)
+
+
+def dual_weights(log_probs: Tensor, top_k: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Cotangents (K, B, C) on the logits whose VJPs are the rows of A, F = A^T A, without cancellation.
+
+    Relative to the top class t, with r_y = z_y - z_t for the other classes and q their probabilities,
+    M = E^T (diag(q) - q q^T) E (E maps z to r), and diag(q) - q q^T = S^T S for
+    S = (I - c u u^T) diag(u), u = sqrt(q), c = 1 / (1 + sqrt(p_t)). The rows of A are then J^T (S E)_k.
+    With `top_k`, the classes outside the top k are merged into one class R with logit logsumexp_R z
+    (E row: p_y / p_R on R, -1 on t). Returns the cotangents and p_R (None without merging).
+    """
+    batch, num_classes = log_probs.shape
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    merged = top_k is not None and top_k < num_classes - 1
+    kept = top_k if merged else num_classes
+    order = log_probs.argsort(dim=1, descending=True)
+    eye = torch.eye(num_classes, dtype=log_probs.dtype, device=log_probs.device)
+    top_row = eye[order[:, 0]]
+    rows = eye[order[:, 1:kept]] - top_row[:, None]
+    log_q = log_probs.gather(1, order[:, 1:kept])
+    neglected = None
+    if merged:
+        rest = log_probs.scatter(1, order[:, :kept], -math.inf)
+        log_rest = rest.logsumexp(dim=1, keepdim=True)
+        rows = torch.cat([rows, ((rest - log_rest).exp() - top_row)[:, None]], dim=1)
+        log_q = torch.cat([log_q, log_rest], dim=1)
+        neglected = log_rest.squeeze(1).exp()
+    u = (0.5 * log_q).exp()
+    c = 1.0 / (1.0 + (0.5 * log_probs.gather(1, order[:, :1])).exp())
+    factor = torch.diag_embed(u) - c[:, :, None] * u[:, :, None] * (u * u)[:, None, :]
+    return (factor @ rows).movedim(1, 0), neglected
+
+
+def _top_eigenpair_of(gram: Tensor) -> tuple[Tensor, Tensor]:
+    evals, evecs = torch.linalg.eigh(gram)
+    return evals[:, -1].clamp_min(0.0), evecs[:, :, -1]
+
+
+def exact_dual(
+    op: FisherOperator,
+    *,
+    top_k: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    dtype: torch.dtype = torch.float64,
+) -> TopEigenpair:
+    """lambda_max from the C x C dual G = A A^T (exact up to rounding; a lower bound with `top_k`)."""
+    weights, neglected = dual_weights(op.log_probs, top_k)
+    rows = op.factor(weights, chunk_size)
+    flat = rows.flatten(2).to(dtype)
+    eigenvalue, u = _top_eigenpair_of(flat @ flat.mT)
+    direction = (u.unsqueeze(1) @ flat).squeeze(1).to(rows.dtype)
+    return TopEigenpair(
+        eigenvalue=eigenvalue,
+        eigenvector=_unit(direction.view(op.inputs.shape)),
+        residual=None,
+        steps=weights.shape[0],
+        neglected_mass=None if neglected is None else neglected.to(dtype),
+    )
+
+
+def power_iteration(
+    op: FisherOperator,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float64,
+) -> TopEigenpair:
+    """v <- F v / |F v| until every sample's Rayleigh quotient changes by <= tol (relative) and its
+    residual |F v - lambda v| / lambda <= sqrt(tol), or `max_iter` steps (tol=0 runs exactly max_iter)."""
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    x = op.inputs
+    v = _unit(torch.randn(x.shape, generator=default_generator(x.device, generator), device=x.device, dtype=x.dtype))
+    previous = torch.full((x.shape[0],), math.inf, dtype=dtype, device=x.device)
+    for step in range(1, max_iter + 1):
+        w = op.matvec(v)
+        rayleigh = (v.flatten(1).to(dtype) * w.flatten(1).to(dtype)).sum(1).clamp_min(0.0)
+        scale = rayleigh.clamp_min(torch.finfo(dtype).tiny)
+        residual = _flat_norm(w - _per_sample(rayleigh, w) * v).to(dtype) / scale
+        converged = ((rayleigh - previous).abs() <= tol * scale) & (residual <= math.sqrt(tol))
+        if converged.all() or step == max_iter:
+            break
+        previous = rayleigh
+        moved = _flat_norm(w) > 0
+        v = torch.where(_per_sample(moved, v).bool(), _unit(w), v)
+    return TopEigenpair(eigenvalue=rayleigh, eigenvector=v, residual=residual, steps=step)
+
+
+def lanczos(
+    op: FisherOperator,
+    *,
+    max_iter: int = 64,
+    tol: float = 1e-6,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float64,
+) -> TopEigenpair:
+    """Batched Lanczos with full re-orthogonalisation. Stops when every sample's top Ritz value changes by
+    <= tol (relative) and its residual beta_m |s_m| / theta <= sqrt(tol), or on an invariant subspace
+    (rank F <= C - 1, so at most C steps are ever needed)."""
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    x = op.inputs
+    batch, dim = x.shape[0], x[0].numel()
+    steps = min(max_iter, dim)
+    q = _unit(torch.randn(x.shape, generator=default_generator(x.device, generator), device=x.device, dtype=x.dtype))
+    q = q.flatten(1)
+    basis = torch.zeros(batch, steps, dim, dtype=x.dtype, device=x.device)
+    alphas = torch.zeros(batch, steps, dtype=dtype, device=x.device)
+    betas = torch.zeros(batch, steps, dtype=dtype, device=x.device)
+    q_prev, beta_prev = torch.zeros_like(q), torch.zeros(batch, dtype=dtype, device=x.device)
+    scale = torch.zeros(batch, dtype=dtype, device=x.device)
+    exhausted = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    previous = torch.full((batch,), math.inf, dtype=dtype, device=x.device)
+    breakdown = 100 * torch.finfo(x.dtype).eps
+    for j in range(steps):
+        basis[:, j] = q
+        w = op.matvec(q.view(x.shape)).flatten(1)
+        alpha = (q.to(dtype) * w.to(dtype)).sum(1)
+        w = w - _per_sample(alpha, w) * q - _per_sample(beta_prev, w) * q_prev
+        for _ in range(2):
+            w = w - ((w.unsqueeze(1) @ basis[:, : j + 1].mT) @ basis[:, : j + 1]).squeeze(1)
+        beta = _flat_norm(w).to(dtype)
+        alphas[:, j] = alpha
+        scale = torch.maximum(scale, torch.maximum(alpha.abs(), beta))
+        exhausted |= beta <= breakdown * scale
+        kept_beta = torch.where(exhausted, torch.zeros_like(beta), beta)
+        tridiagonal = torch.diag_embed(alphas[:, : j + 1]) + torch.diag_embed(betas[:, :j], 1) + torch.diag_embed(
+            betas[:, :j], -1
+        )
+        ritz, s = _top_eigenpair_of(tridiagonal)
+        floor = ritz.clamp_min(torch.finfo(dtype).tiny)
+        residual = beta * s[:, -1].abs() / floor
+        converged = exhausted | (((ritz - previous).abs() <= tol * floor) & (residual <= math.sqrt(tol)))
+        if converged.all() or j == steps - 1:
+            break
+        betas[:, j] = kept_beta
+        previous = ritz
+        q_prev, beta_prev = q, kept_beta
+        q = torch.where(exhausted[:, None], torch.zeros_like(w), w / _per_sample(beta.clamp_min(torch.finfo(dtype).tiny), w))
+    vector = (s.to(x.dtype).unsqueeze(1) @ basis[:, : j + 1]).squeeze(1)
+    return TopEigenpair(eigenvalue=ritz, eigenvector=_unit(vector.view(x.shape)), residual=residual, steps=j + 1)
+
+
+def _probe_images(op: FisherOperator, num_probes: int, generator, chunk_size) -> tuple[Tensor, Tensor]:
+    """Rademacher probes Z (N, B, ...) and A z = W J z for each, (N, B, C - 1), by forward mode only."""
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    x = op.inputs
+    probes = _rademacher((num_probes, *x.shape), x, default_generator(x.device, generator))
+    images = torch.func.vmap(op.jvp, chunk_size=chunk_size, randomness="same")(probes)
+    weights = dual_weights(op.log_probs)[0]
+    return probes, torch.einsum("kbc,nbc->nbk", weights, images.to(weights.dtype))
+
+
+def gram_sketch(
+    op: FisherOperator,
+    *,
+    num_probes: int = 64,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = None,
+    dtype: torch.dtype = torch.float64,
+) -> TopEigenpair:
+    """lambda_max of W (1/N sum_n (J z_n)(J z_n)^T) W^T: consistent as N grows, biased upwards for small N
+    (the top eigenvalue of a noisy PSD matrix). N JVPs, no reverse pass."""
+    probes, images = _probe_images(op, num_probes, generator, chunk_size)
+    images = images.to(dtype)
+    gram = torch.einsum("nbc,nbd->bcd", images, images) / num_probes
+    eigenvalue, u = _top_eigenpair_of(gram)
+    coefficients = torch.einsum("nbc,bc->nb", images, u).to(probes.dtype)
+    sketch = torch.einsum("nb,nb...->b...", coefficients, probes)
+    return TopEigenpair(eigenvalue=eigenvalue, eigenvector=_unit(sketch), residual=None, steps=num_probes)
+
+
+def exact_trace(op: FisherOperator, *, chunk_size: Optional[int] = None, dtype: torch.dtype = torch.float64) -> TraceEstimate:
+    """tr F = |A|_F^2 = sum_y p_y |grad log p_y|^2 from C - 1 VJPs."""
+    rows = op.factor(dual_weights(op.log_probs)[0], chunk_size)
+    value = rows.flatten(1).to(dtype).square().sum(1)
+    return TraceEstimate(value=value, stderr=torch.zeros_like(value))
+
+
+def hutchinson_trace(
+    op: FisherOperator,
+    *,
+    num_probes: int = 64,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = None,
+    dtype: torch.dtype = torch.float64,
+) -> TraceEstimate:
+    """tr F = E_z |A z|^2 over Rademacher z, with the standard error of the mean."""
+    _, images = _probe_images(op, num_probes, generator, chunk_size)
+    samples = images.to(dtype).square().sum(-1)
+    stderr = samples.std(0) / math.sqrt(num_probes) if num_probes > 1 else torch.full_like(samples[0], math.inf)
+    return TraceEstimate(value=samples.mean(0), stderr=stderr)

@@ -1,0 +1,140 @@
+"""Functional API: pure functions of (model, inputs) -> per-sample values, each inside the state guard.
+
+Common keyword options: `output` ("logits" | "probs" | "log_probs"), `mode` (None = eval with a warning for a
+model in train mode, "eval", "train"), `model_dtype` (e.g. torch.float64 for saturated softmax; parameters
+are cast on the fly), `dtype` of the small dense algebra (float64). Method options are listed in `METHODS`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal, Optional
+
+import torch
+from torch import Tensor
+
+from fim_lightning import algorithms
+from fim_lightning.guard import Mode, preserved_state, resolve_mode
+from fim_lightning.operator import FisherOperator, OutputKind
+
+SpectralMethod = Literal["exact", "power", "lanczos", "hutchinson"]
+TraceMethod = Literal["exact", "hutchinson"]
+
+METHODS = {
+    "exact": (algorithms.exact_dual, {"top_k", "chunk_size"}),
+    "power": (algorithms.power_iteration, {"max_iter", "tol", "generator"}),
+    "lanczos": (algorithms.lanczos, {"max_iter", "tol", "generator"}),
+    "hutchinson": (algorithms.gram_sketch, {"num_probes", "generator", "chunk_size"}),
+}
+TRACE_METHODS = {
+    "exact": (algorithms.exact_trace, {"chunk_size"}),
+    "hutchinson": (algorithms.hutchinson_trace, {"num_probes", "generator", "chunk_size"}),
+}
+
+
+def _select(table: dict, method: str, options: dict) -> Callable:
+    if method not in table:
+        raise ValueError(f"method must be one of {tuple(table)}, got {method!r}")
+    algorithm, accepted = table[method]
+    unknown = set(options) - accepted
+    if unknown:
+        raise TypeError(f"option(s) {sorted(unknown)} do not apply to method={method!r}; it takes {sorted(accepted)}")
+    return algorithm
+
+
+@contextmanager
+def fisher_operator(
+    model: Callable,
+    inputs: Tensor,
+    *,
+    output: OutputKind = "logits",
+    mode: Optional[Mode] = None,
+    model_dtype: Optional[torch.dtype] = None,
+    differentiable: bool = False,
+) -> Iterator[FisherOperator]:
+    """A `FisherOperator` on (model, inputs), valid inside the `with` block, with all caller state guarded."""
+    with preserved_state(model, inputs, mode=resolve_mode(model, mode)):
+        yield FisherOperator(model, inputs, output=output, model_dtype=model_dtype, differentiable=differentiable)
+
+
+def fisher_top_eigenpair(
+    model: Callable,
+    inputs: Tensor,
+    method: SpectralMethod = "exact",
+    *,
+    output: OutputKind = "logits",
+    mode: Optional[Mode] = None,
+    model_dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype = torch.float64,
+    **options,
+) -> algorithms.TopEigenpair:
+    """lambda_max(F(x_i)) with its eigenvector, residual and step count (see `algorithms.TopEigenpair`)."""
+    algorithm = _select(METHODS, method, options)
+    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
+        return algorithm(op, dtype=dtype, **options)
+
+
+def fisher_spectral_norm(model: Callable, inputs: Tensor, method: SpectralMethod = "exact", **options) -> Tensor:
+    """lambda_max(F(x_i)) for each sample, (B,). `method`: "exact" (C x C dual; `top_k`, `chunk_size`),
+    "power" / "lanczos" (`max_iter`, `tol`, `generator`), "hutchinson" (`num_probes`, `generator`, `chunk_size`)."""
+    return fisher_top_eigenpair(model, inputs, method, **options).eigenvalue
+
+
+def fisher_trace(
+    model: Callable,
+    inputs: Tensor,
+    method: TraceMethod = "exact",
+    *,
+    output: OutputKind = "logits",
+    mode: Optional[Mode] = None,
+    model_dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype = torch.float64,
+    **options,
+) -> Tensor:
+    """tr F(x_i) = E_{y~p} |grad_x log p(y|x_i)|^2 for each sample, (B,)."""
+    algorithm = _select(TRACE_METHODS, method, options)
+    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
+        return algorithm(op, dtype=dtype, **options).value
+
+
+def fisher_vector_product(
+    model: Callable,
+    inputs: Tensor,
+    vectors: Tensor,
+    *,
+    output: OutputKind = "logits",
+    mode: Optional[Mode] = None,
+    model_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """F(x_i) v_i for each sample, shaped like `inputs`."""
+    if not isinstance(vectors, Tensor) or vectors.shape != inputs.shape:
+        shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+        raise ValueError(f"vectors must have the inputs' shape {tuple(inputs.shape)}, got {shape}")
+    if not vectors.is_floating_point() or not torch.isfinite(vectors).all():
+        raise ValueError("vectors must be finite floating-point tensors")
+    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
+        return op.matvec(vectors).detach()
+
+
+def fisher_robustness_radius(
+    model: Callable,
+    inputs: Tensor,
+    method: SpectralMethod = "exact",
+    *,
+    output: OutputKind = "logits",
+    mode: Optional[Mode] = None,
+    model_dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype = torch.float64,
+    **options,
+) -> Tensor:
+    """Predicted adversarial radius in input units, (B,): the Fisher-normalised margin
+
+        r(x) = (log p_top1 - log p_top2) / sqrt(lambda_max(F(x))),
+
+    the input distance needed to move the output distribution a Fisher-Rao length equal to the margin
+    when it moves at the fastest rate, sqrt(d^T F d) <= sqrt(lambda_max) |d|; +inf where F(x) = 0.
+    """
+    algorithm = _select(METHODS, method, options)
+    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
+        eigenvalue = algorithm(op, dtype=dtype, **options).eigenvalue
+        top2 = op.log_probs.topk(2, dim=1).values.to(dtype)
+    return (top2[:, 0] - top2[:, 1]) / eigenvalue.sqrt()

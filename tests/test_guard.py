@@ -1,0 +1,140 @@
+"""Nothing the caller owns changes: modes, BatchNorm buffers, .grad, requires_grad, RNG, grad mode, kernels."""
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fim_lightning as fl
+from tests.conftest import make_attention, make_cnn
+
+METHOD_OPTIONS = {
+    "exact": {},
+    "power": {"max_iter": 5},
+    "lanczos": {"max_iter": 5},
+    "hutchinson": {"num_probes": 4},
+}
+
+
+def _snapshot(model):
+    return {
+        "training": [m.training for m in model.modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "grads": [p.grad for p in model.parameters()],
+        "grad_values": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _assert_same(before, after):
+    assert before["training"] == after["training"]
+    assert before["state"].keys() == after["state"].keys()
+    for key in before["state"]:
+        assert torch.equal(before["state"][key], after["state"][key]), key
+    assert all(a is b for a, b in zip(before["grads"], after["grads"]))
+    for a, b in zip(before["grad_values"], after["grad_values"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert before["requires_grad"] == after["requires_grad"]
+    assert torch.equal(before["rng"], after["rng"])
+
+
+def _model_with_user_state():
+    model = nn.Sequential(make_cnn(), nn.Dropout(0.5)).train()
+    model[0][0].weight.requires_grad_(False)
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    return model
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_user_state_is_untouched(method):
+    model = _model_with_user_state()
+    x, v = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    before = _snapshot(model)
+    for mode in ("eval", "train"):
+        fl.fisher_spectral_norm(model, x, method, mode=mode, **METHOD_OPTIONS[method])
+    fl.fisher_trace(model, x, mode="eval")
+    fl.fisher_vector_product(model, x, v, mode="eval")
+    fl.fisher_robustness_radius(model, x, mode="eval")
+    _assert_same(before, _snapshot(model))
+
+
+def test_train_mode_uses_batch_statistics_without_touching_buffers():
+    model = make_cnn()
+    x = torch.randn(6, 3, 8, 8)
+    before = _snapshot(model)
+    eval_value = fl.fisher_spectral_norm(model, x, mode="eval")
+    train_value = fl.fisher_spectral_norm(model, x, mode="train")
+    assert not torch.allclose(eval_value, train_value)
+    _assert_same(before, _snapshot(model))
+
+
+def test_a_model_in_train_mode_warns_unless_the_mode_is_explicit():
+    model = make_cnn().train()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="train mode") as record:
+        implicit = fl.fisher_spectral_norm(model, x)
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explicit = fl.fisher_spectral_norm(model, x, mode="eval")
+    torch.testing.assert_close(implicit, explicit)
+    assert model.training
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_works_under_the_callers_no_grad_and_inference_mode(context):
+    model = make_cnn()
+    x = torch.randn(3, 3, 8, 8)
+    reference = fl.fisher_spectral_norm(model, x)
+    with context():
+        inner_x = x.clone()  # an inference tensor under inference_mode
+        value = fl.fisher_spectral_norm(model, inner_x)
+        lanczos = fl.fisher_spectral_norm(model, inner_x, "lanczos")
+        assert torch.is_grad_enabled() is False
+    torch.testing.assert_close(value, reference)
+    torch.testing.assert_close(lanczos, reference, rtol=1e-4, atol=0)
+
+
+def test_autocast_of_the_caller_does_not_lower_precision():
+    model = make_cnn()
+    x = torch.randn(3, 3, 8, 8)
+    reference = fl.fisher_spectral_norm(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = fl.fisher_spectral_norm(model, x)
+    torch.testing.assert_close(value, reference)
+
+
+def test_half_precision_inputs_are_scored_in_float32():
+    model = make_cnn()
+    x = torch.randn(3, 3, 8, 8)
+    half_model = make_cnn().to(torch.bfloat16)
+    value = fl.fisher_spectral_norm(half_model, x.to(torch.bfloat16))
+    reference = fl.fisher_spectral_norm(model, x.to(torch.bfloat16).float())
+    assert next(half_model.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(value, reference, rtol=0.05, atol=0)
+
+
+def test_attention_runs_on_cpu_and_kernel_settings_are_restored():
+    model = make_attention()
+    x = torch.randn(2, 5, 8)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    for method in ("exact", "power", "lanczos", "hutchinson"):
+        assert torch.isfinite(fl.fisher_spectral_norm(model, x, method, **METHOD_OPTIONS[method])).all()
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath
+    assert torch.backends.cuda.math_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_torchvision_resnet_and_vit_agree_across_methods():
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(num_classes=10).eval()
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for model in (resnet, vit):
+        before = _snapshot(model)
+        exact = fl.fisher_spectral_norm(model, x)
+        lanczos = fl.fisher_spectral_norm(model, x, "lanczos")
+        torch.testing.assert_close(lanczos, exact, rtol=1e-4, atol=0)
+        _assert_same(before, _snapshot(model))
