@@ -1,22 +1,30 @@
 """fim-lightning: input-space Fisher information of classifiers, for measuring and training robustness."""
 from fim_lightning.algorithms import TopEigenpair, TraceEstimate
+from fim_lightning.callback import FisherRobustnessCallback
 from fim_lightning.functional import (
+    FisherScores,
     fisher_operator,
     fisher_robustness_radius,
+    fisher_scores,
     fisher_spectral_norm,
     fisher_top_eigenpair,
     fisher_trace,
     fisher_vector_product,
 )
 from fim_lightning.guard import preserved_state
+from fim_lightning.metric import FisherSpectralNorm
 from fim_lightning.operator import FisherOperator
 
 __all__ = [
     "FisherOperator",
+    "FisherRobustnessCallback",
+    "FisherSpectralNorm",
+    "FisherScores",
     "TopEigenpair",
     "TraceEstimate",
     "fisher_operator",
     "fisher_robustness_radius",
+    "fisher_scores",
     "fisher_spectral_norm",
     "fisher_top_eigenpair",
     "fisher_trace",

@@ -31,6 +31,7 @@ class TopEigenpair:
         residual: (B,) ||F v - lambda v|| / lambda for the iterative methods, else None.
         steps: matrix-vector products (power, lanczos), VJPs (exact) or probes (gram sketch) used.
         neglected_mass: (B,) probability merged into one class by `top_k`, else None.
+        trace: (B,) tr F, which `exact_dual` gets for free (|A|_F^2; of the merged F with `top_k`), else None.
     """
 
     eigenvalue: Tensor
@@ -38,6 +39,7 @@ class TopEigenpair:
     residual: Optional[Tensor]
     steps: int
     neglected_mass: Optional[Tensor] = None
+    trace: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,14 @@ def _per_sample(scalars: Tensor, like: Tensor) -> Tensor:
 
 
 def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
-    bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
-    return (2 * bits - 1).to(like.dtype)
+    bits = torch.randint(0, 2, shape, generator=generator, device=generator.device)
+    return (2 * bits - 1).to(like.device, like.dtype)
+
+
+def _random_unit(like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """A Gaussian start vector per sample, drawn on the generator's device and moved to the inputs'."""
+    generator = default_generator(like.device, generator)
+    return _unit(torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device))
 
 
 def dual_weights(log_probs: Tensor, top_k: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -127,6 +135,7 @@ def exact_dual(
         residual=None,
         steps=weights.shape[0],
         neglected_mass=None if neglected is None else neglected.to(dtype),
+        trace=flat.square().sum((1, 2)),
     )
 
 
@@ -143,7 +152,7 @@ def power_iteration(
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     x = op.inputs
-    v = _unit(torch.randn(x.shape, generator=default_generator(x.device, generator), device=x.device, dtype=x.dtype))
+    v = _random_unit(x, generator)
     previous = torch.full((x.shape[0],), math.inf, dtype=dtype, device=x.device)
     for step in range(1, max_iter + 1):
         w = op.matvec(v)
@@ -175,8 +184,7 @@ def lanczos(
     x = op.inputs
     batch, dim = x.shape[0], x[0].numel()
     steps = min(max_iter, dim)
-    q = _unit(torch.randn(x.shape, generator=default_generator(x.device, generator), device=x.device, dtype=x.dtype))
-    q = q.flatten(1)
+    q = _random_unit(x, generator).flatten(1)
     basis = torch.zeros(batch, steps, dim, dtype=x.dtype, device=x.device)
     alphas = torch.zeros(batch, steps, dtype=dtype, device=x.device)
     betas = torch.zeros(batch, steps, dtype=dtype, device=x.device)

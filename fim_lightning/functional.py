@@ -7,6 +7,7 @@ are cast on the fly), `dtype` of the small dense algebra (float64). Method optio
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Optional
 
 import torch
@@ -115,6 +116,11 @@ def fisher_vector_product(
         return op.matvec(vectors).detach()
 
 
+def _margin_over_sqrt(op: FisherOperator, eigenvalue: Tensor) -> Tensor:
+    top2 = op.log_probs.topk(2, dim=1).values.to(eigenvalue.dtype)
+    return (top2[:, 0] - top2[:, 1]) / eigenvalue.sqrt()
+
+
 def fisher_robustness_radius(
     model: Callable,
     inputs: Tensor,
@@ -135,6 +141,40 @@ def fisher_robustness_radius(
     """
     algorithm = _select(METHODS, method, options)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
-        eigenvalue = algorithm(op, dtype=dtype, **options).eigenvalue
-        top2 = op.log_probs.topk(2, dim=1).values.to(dtype)
-    return (top2[:, 0] - top2[:, 1]) / eigenvalue.sqrt()
+        return _margin_over_sqrt(op, algorithm(op, dtype=dtype, **options).eigenvalue)
+
+
+@dataclass(frozen=True)
+class FisherScores:
+    """Per-sample scores from one operator: lambda_max, tr F, robustness radius, top eigenvector, prediction."""
+
+    spectral_norm: Tensor
+    trace: Tensor
+    radius: Tensor
+    eigenvector: Tensor
+    prediction: Tensor
+
+
+def fisher_scores(
+    model: Callable,
+    inputs: Tensor,
+    method: SpectralMethod = "exact",
+    *,
+    output: OutputKind = "logits",
+    mode: Optional[Mode] = None,
+    model_dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype = torch.float64,
+    **options,
+) -> FisherScores:
+    """Everything the Lightning layer logs, sharing one forward pass (and, for "exact", one set of VJPs)."""
+    algorithm = _select(METHODS, method, options)
+    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
+        pair = algorithm(op, dtype=dtype, **options)
+        trace = pair.trace if pair.trace is not None else algorithms.exact_trace(op, dtype=dtype).value
+        return FisherScores(
+            spectral_norm=pair.eigenvalue,
+            trace=trace,
+            radius=_margin_over_sqrt(op, pair.eigenvalue),
+            eigenvector=pair.eigenvector.detach(),
+            prediction=op.log_probs.argmax(1),
+        )

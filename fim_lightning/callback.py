@@ -1,0 +1,323 @@
+"""`FisherRobustnessCallback`: track the input-space Fisher spectral norm of a model during training."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from fim_lightning import figures
+from fim_lightning.functional import METHODS, SpectralMethod, fisher_scores
+from fim_lightning.operator import OUTPUT_KINDS, OutputKind
+
+_SCORES = ("spectral_norm", "trace", "radius")
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The first of several dataloaders (a list, tuple or dict of them), or the one given."""
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+def summarize(values: Tensor, name: str) -> dict[str, float]:
+    """mean, median, 90th percentile and max of the finite values."""
+    finite = values[torch.isfinite(values)]
+    if finite.numel() == 0:
+        return {f"{name}/{stat}": math.nan for stat in ("mean", "median", "p90", "max")}
+    return {
+        f"{name}/mean": finite.mean().item(),
+        f"{name}/median": finite.median().item(),
+        f"{name}/p90": finite.quantile(0.9).item(),
+        f"{name}/max": finite.max().item(),
+    }
+
+
+class FisherRobustnessCallback(Callback):
+    r"""Score a fixed probe set of held-out samples with the input-space Fisher information and log it.
+
+    For each probe x: lambda_max(F(x)), tr F(x) and the robustness radius
+    (log p_1 - log p_2) / sqrt(lambda_max), where F(x) = J^T (diag p - p p^T) J. Their summaries (mean,
+    median, 90th percentile, max) go to every logger as ``{prefix}/spectral_norm/mean`` and so on, against the
+    global step, and into ``trainer.callback_metrics`` (so ModelCheckpoint / EarlyStopping can monitor them).
+    With a ``WandbLogger`` it also logs a histogram, a line plot of the curves and images of the top
+    eigenvectors; with other loggers the same figures are written as PNG files under ``{log_dir}/{prefix}/``.
+
+    The probe set is drawn once (``seed``) from ``data`` or the trainer's validation (test) dataloader, and
+    every point of the curve scores the same samples. Scoring runs in eval mode inside the package's state
+    guard: module modes, BatchNorm buffers, ``.grad``, the optimizer and the global RNG are left as they were,
+    under ``fit`` validation (no_grad), standalone ``validate``/``test`` (inference mode) and mixed precision
+    (scores are computed in float32 or better). Under DDP each rank scores its share and the values are
+    gathered, so the logged statistics equal a single-process run on the same probes.
+
+    Args:
+        num_samples: size of the probe set.
+        every_n_epochs: score at the end of every n-th training epoch (inside validation when it runs); None
+            to disable.
+        every_n_train_steps: score after every n-th optimizer step; None to disable.
+        method: "exact" (default, C - 1 VJPs per sample), "power", "lanczos" or "hutchinson".
+        estimator_options: options of the method, e.g. ``{"top_k": 20}`` for 1000 classes.
+        data: held-out data (a DataLoader or Dataset); default: the validation dataloader (test for ``test``).
+        input_key: where the input sits in a sample: an index into a tuple or a key into a dict.
+        model_attribute: score ``getattr(pl_module, model_attribute)`` instead of ``pl_module``.
+        output: what the scored model returns: "logits", "probs" or "log_probs".
+        batch_size: probes scored at once (bounds memory).
+        seed: seed of the probe-set draw and of the estimator's random draws.
+        log_figures: log the histogram, curves and eigenvector images.
+        num_eigenvectors: how many top eigenvectors to show.
+        prefix: namespace of the logged keys.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 64,
+        every_n_epochs: Optional[int] = 1,
+        every_n_train_steps: Optional[int] = None,
+        method: SpectralMethod = "exact",
+        estimator_options: Optional[dict[str, Any]] = None,
+        data: Optional[Union[DataLoader, Dataset]] = None,
+        input_key: Union[int, str] = 0,
+        model_attribute: Optional[str] = None,
+        output: OutputKind = "logits",
+        batch_size: int = 64,
+        seed: int = 0,
+        log_figures: bool = True,
+        num_eigenvectors: int = 4,
+        prefix: str = "fim",
+    ) -> None:
+        if num_samples < 1:
+            raise MisconfigurationException(f"num_samples must be >= 1, got {num_samples}")
+        if batch_size < 1:
+            raise MisconfigurationException(f"batch_size must be >= 1, got {batch_size}")
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
+            if value is not None and value < 1:
+                raise MisconfigurationException(f"{name} must be >= 1 or None, got {value}")
+        if method not in METHODS:
+            raise MisconfigurationException(f"method must be one of {tuple(METHODS)}, got {method!r}")
+        options = dict(estimator_options or {})
+        unknown = set(options) - METHODS[method][1] - {"model_dtype", "dtype"}
+        if unknown:
+            raise MisconfigurationException(f"estimator_options {sorted(unknown)} do not apply to method={method!r}")
+        if output not in OUTPUT_KINDS:
+            raise MisconfigurationException(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs
+        self.every_n_train_steps = every_n_train_steps
+        self.method = method
+        self.estimator_options = options
+        self.data = data
+        self.input_key = input_key
+        self.model_attribute = model_attribute
+        self.output = output
+        self.batch_size = batch_size
+        self.seed = seed
+        self.log_figures = log_figures
+        self.num_eigenvectors = num_eigenvectors
+        self.prefix = prefix
+        self.history: list[dict[str, float]] = []
+        self._probe_inputs: Optional[Tensor] = None
+        self._probe_indices: Optional[Tensor] = None
+        self._generator_state: Tensor = torch.Generator().manual_seed(seed).get_state()
+        self._last_epoch = -1
+        self._last_step = -1
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._probe_inputs is None:
+            self._probe_inputs, self._probe_indices = self._draw_probe_set(self._held_out_data(trainer, stage))
+        try:
+            fisher_scores(self._scored_model(pl_module), self._probe_inputs[:2], "exact", output=self.output, mode="eval")
+        except (TypeError, ValueError) as error:
+            raise MisconfigurationException(f"FisherRobustnessCallback cannot score this model: {error}") from error
+
+    def _held_out_data(self, trainer: pl.Trainer, stage: str) -> Union[DataLoader, Dataset]:
+        if self.data is not None:
+            return self.data
+        loop = trainer.test_loop if stage == TrainerFn.TESTING else (
+            trainer.validate_loop if stage == TrainerFn.VALIDATING else trainer.fit_loop.epoch_loop.val_loop
+        )
+        source = loop._data_source  # Lightning's record of where this stage's dataloaders come from
+        loader = _first_loader(source.dataloader()) if source.instance is not None and source.is_defined() else None
+        if loader is None:
+            raise MisconfigurationException(
+                "FisherRobustnessCallback needs held-out data: the trainer has no "
+                f"{'test' if stage == TrainerFn.TESTING else 'validation'} dataloader; pass `data=` (a DataLoader or Dataset)"
+            )
+        return loader
+
+    def _draw_probe_set(self, data: Union[DataLoader, Dataset]) -> tuple[Tensor, Tensor]:
+        """`num_samples` inputs drawn once with `seed`; the global RNG is forked (transforms, iterators draw from it)."""
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        with torch.random.fork_rng(devices=[]):
+            if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+                size = len(dataset)
+                if size == 0:
+                    raise MisconfigurationException("FisherRobustnessCallback: the held-out dataset is empty")
+                draw = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
+                indices = draw[: self.num_samples].sort().values
+                inputs = torch.stack([self._input_of(dataset[i]) for i in indices.tolist()])
+            else:
+                loader = data if isinstance(data, DataLoader) else DataLoader(dataset, batch_size=self.batch_size)
+                batches, count = [], 0
+                for batch in loader:
+                    batches.append(self._input_of(batch))
+                    count += len(batches[-1])
+                    if count >= self.num_samples:
+                        break
+                inputs = torch.cat(batches)[: self.num_samples]
+                indices = torch.arange(len(inputs))
+        return inputs.float().contiguous(), indices
+
+    def _input_of(self, item: Any) -> Tensor:
+        value = item[self.input_key] if isinstance(item, (tuple, list, dict)) else item
+        if not isinstance(value, Tensor):
+            raise MisconfigurationException(
+                f"FisherRobustnessCallback: the held-out samples must hold tensors at input_key={self.input_key!r}, "
+                f"got {type(value).__name__}"
+            )
+        return value
+
+    def _scored_model(self, pl_module: pl.LightningModule) -> Any:
+        return getattr(pl_module, self.model_attribute) if self.model_attribute else pl_module
+
+    # -- triggers -----------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self.score(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._score_epoch(trainer, pl_module)
+        else:
+            self.score(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._score_epoch(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.score(trainer, pl_module)
+
+    def _score_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and epoch != self._last_epoch:
+            self._last_epoch = epoch
+            self.score(trainer, pl_module)
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Score the probe set now, log the summaries and return them."""
+        world, rank = trainer.world_size, trainer.global_rank
+        share = self._probe_inputs[rank::world]
+        local, vectors = self._score_share(share, pl_module)
+        values = self._gather(trainer, local, len(self._probe_inputs), world)
+        stats = {}
+        for column, name in enumerate(_SCORES):
+            stats.update(summarize(values[:, column], f"{self.prefix}/{name}"))
+        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, **stats}
+        self.history.append(record)
+        for logger in trainer.loggers:
+            logger.log_metrics(stats, step=trainer.global_step)
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in stats.items()})
+        if self.log_figures and trainer.is_global_zero:
+            self._log_figures(trainer, values[:, 0], vectors, titles=values[::world, 0])
+        return stats
+
+    def _score_share(self, share: Tensor, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
+        """(n, 3) spectral norm, trace, radius of this rank's probes, and its first top eigenvectors."""
+        options = dict(self.estimator_options)
+        generator = None
+        if "generator" in METHODS[self.method][1]:
+            generator = torch.Generator()
+            generator.set_state(self._generator_state)
+            options["generator"] = generator
+        columns, vectors = [], []
+        for chunk in share.split(self.batch_size):
+            scores = fisher_scores(
+                self._scored_model(pl_module), chunk.to(pl_module.device), self.method, output=self.output,
+                mode="eval", **options,
+            )
+            columns.append(torch.stack([scores.spectral_norm, scores.trace, scores.radius], dim=1).double())
+            vectors.append(scores.eigenvector[: self.num_eigenvectors - sum(len(v) for v in vectors)].cpu())
+        if generator is not None:
+            self._generator_state = generator.get_state()
+        local = torch.cat(columns) if columns else torch.zeros(0, len(_SCORES), dtype=torch.float64)
+        return local.to(pl_module.device), torch.cat(vectors) if vectors else torch.zeros(0)
+
+    @staticmethod
+    def _gather(trainer: pl.Trainer, local: Tensor, total: int, world: int) -> Tensor:
+        """Every rank's rows back in probe-set order: probe i was scored by rank i % world at row i // world."""
+        if world == 1:
+            return local.cpu()
+        padded = torch.full((math.ceil(total / world), local.shape[1]), math.nan, dtype=local.dtype, device=local.device)
+        padded[: len(local)] = local
+        gathered = trainer.strategy.all_gather(padded)
+        return gathered.transpose(0, 1).reshape(-1, local.shape[1])[:total].cpu()
+
+    def _log_figures(self, trainer: pl.Trainer, spectral: Tensor, vectors: Tensor, titles: Tensor) -> None:
+        """W&B media for W&B loggers, PNG files for the others; `titles` are the eigenvectors' lambda_max."""
+        keys = [f"{self.prefix}/spectral_norm/{stat}" for stat in ("mean", "median", "p90", "max")]
+        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if wandb_loggers:
+            import wandb
+
+            steps = [record["step"] for record in self.history]
+            media = {
+                f"{self.prefix}/spectral_norm/histogram": wandb.Histogram(spectral.numpy()),
+                f"{self.prefix}/curves": wandb.plot.line_series(
+                    xs=steps, ys=[[record[key] for record in self.history] for key in keys], keys=keys,
+                    title="Fisher spectral norm", xname="global_step",
+                ),
+                "trainer/global_step": trainer.global_step,
+            }
+            if figures.is_image_batch(vectors) and len(vectors):
+                media[f"{self.prefix}/eigenvectors"] = [
+                    wandb.Image(image, caption=f"lambda_max {value:.3g}")
+                    for image, value in zip(figures.as_images(vectors), titles.tolist())
+                ]
+            for logger in wandb_loggers:
+                logger.experiment.log(media)
+        if len(wandb_loggers) == len(trainer.loggers) and trainer.loggers:
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / self.prefix
+        step = trainer.global_step
+        figures.save(figures.histogram_figure(spectral, "lambda_max(F(x))"), folder / f"histogram_step{step}.png")
+        figures.save(figures.curves_figure(self.history, keys, "lambda_max(F(x))"), folder / "curves.png")
+        if len(vectors):
+            figures.save(figures.eigenvector_figure(vectors, titles[: len(vectors)]), folder / f"eigenvectors_step{step}.png")
+
+    # -- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "probe_inputs": self._probe_inputs,
+            "probe_indices": self._probe_indices,
+            "history": list(self.history),
+            "generator_state": self._generator_state,
+            "last_epoch": self._last_epoch,
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._probe_inputs = state_dict["probe_inputs"]
+        self._probe_indices = state_dict["probe_indices"]
+        self.history = list(state_dict["history"])
+        self._generator_state = state_dict["generator_state"]
+        self._last_epoch = state_dict["last_epoch"]
+        self._last_step = state_dict["last_step"]

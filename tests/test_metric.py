@@ -1,0 +1,66 @@
+"""FisherSpectralNorm as a torchmetrics Metric: accumulation, reductions, grad-disabled update, Lightning use."""
+import pytest
+import torch
+
+import fim_lightning as fl
+from tests.conftest import make_cnn
+from tests.lightning_helpers import TinyClassifier, loaders, trainer
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(n, 3, 8, 8, generator=gen) for n in (3, 5, 4)]
+
+
+def test_accumulates_per_sample_values_across_batches():
+    model, batches = make_cnn(), _batches()
+    reference = fl.fisher_spectral_norm(model, torch.cat(batches)).float()
+    metrics = {r: fl.FisherSpectralNorm(reduction=r) for r in ("mean", "median", "max", "none", 0.9)}
+    with torch.no_grad():  # torchmetrics runs update with grad disabled; so may the user
+        for x in batches:
+            for metric in metrics.values():
+                metric.update(model, x)
+    torch.testing.assert_close(metrics["none"].compute(), reference)
+    torch.testing.assert_close(metrics["mean"].compute(), reference.mean())
+    torch.testing.assert_close(metrics["median"].compute(), reference.median())
+    torch.testing.assert_close(metrics["max"].compute(), reference.max())
+    torch.testing.assert_close(metrics[0.9].compute(), reference.quantile(0.9))
+
+
+def test_forward_returns_the_batch_value_and_keeps_accumulating():
+    model, batches = make_cnn(), _batches()
+    metric = fl.FisherSpectralNorm(method="lanczos")
+    batch_value = metric(model, batches[0])
+    torch.testing.assert_close(batch_value, fl.fisher_spectral_norm(model, batches[0]).float().mean(), rtol=1e-4, atol=0)
+    metric(model, batches[1])
+    reference = fl.fisher_spectral_norm(model, torch.cat(batches[:2])).float().mean()
+    torch.testing.assert_close(metric.compute(), reference, rtol=1e-4, atol=0)
+    metric.reset()
+    assert metric.values == []
+
+
+def test_declared_properties_and_plot():
+    metric = fl.FisherSpectralNorm()
+    assert metric.higher_is_better is False and metric.is_differentiable is False and metric.full_state_update is False
+    metric.update(make_cnn(), _batches()[0])
+    figure, ax = metric.plot()
+    assert ax.get_title() or figure is not None
+    with pytest.raises(ValueError, match="reduction"):
+        fl.FisherSpectralNorm(reduction="mode")
+    with pytest.raises(ValueError, match="quantile"):
+        fl.FisherSpectralNorm(reduction=1.5)
+    with pytest.raises(ValueError, match="method"):
+        fl.FisherSpectralNorm(method="svd")
+
+
+def test_in_a_lightning_module_without_registering_the_model_twice(tmp_path):
+    model = TinyClassifier(with_metric=True)
+    keys = set(model.state_dict())
+    assert keys == {k for k in keys if k.startswith("net.")}
+    train, val = loaders()
+    run = trainer(tmp_path, max_epochs=1)
+    run.fit(model, train, val)
+    reference = fl.fisher_spectral_norm(model.net, val.dataset.tensors[0], mode="eval").float().mean()
+    torch.testing.assert_close(run.callback_metrics["val_fim"], reference, rtol=1e-5, atol=0)
+    results = run.validate(model, val)
+    assert results[0]["val_fim"] == pytest.approx(reference.item(), rel=1e-5)
