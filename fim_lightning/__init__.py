@@ -13,12 +13,17 @@ from fim_lightning.functional import (
 )
 from fim_lightning.guard import preserved_state
 from fim_lightning.metric import FisherSpectralNorm
+from fim_lightning.regularizers import FisherKLPenalty, FisherPenalty, FisherSpectralPenalty, FisherTracePenalty
 from fim_lightning.operator import FisherOperator
 
 __all__ = [
+    "FisherKLPenalty",
     "FisherOperator",
+    "FisherPenalty",
     "FisherRobustnessCallback",
     "FisherSpectralNorm",
+    "FisherSpectralPenalty",
+    "FisherTracePenalty",
     "FisherScores",
     "TopEigenpair",
     "TraceEstimate",

@@ -227,9 +227,9 @@ def _probe_images(op: FisherOperator, num_probes: int, generator, chunk_size) ->
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
     x = op.inputs
+    weights = dual_weights(op.log_probs)[0]  # before vmap, so z(x) is recorded outside it
     probes = _rademacher((num_probes, *x.shape), x, default_generator(x.device, generator))
     images = torch.func.vmap(op.jvp, chunk_size=chunk_size, randomness="same")(probes)
-    weights = dual_weights(op.log_probs)[0]
     return probes, torch.einsum("kbc,nbc->nbk", weights, images.to(weights.dtype))
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fim_lightning import figures
-from fim_lightning.functional import METHODS, SpectralMethod, fisher_scores
+from fim_lightning.functional import METHODS, SpectralMethod, fisher_operator, fisher_scores
 from fim_lightning.operator import OUTPUT_KINDS, OutputKind
 
 _SCORES = ("spectral_norm", "trace", "radius")
@@ -51,7 +51,8 @@ class FisherRobustnessCallback(Callback):
     median, 90th percentile, max) go to every logger as ``{prefix}/spectral_norm/mean`` and so on, against the
     global step, and into ``trainer.callback_metrics`` (so ModelCheckpoint / EarlyStopping can monitor them).
     With a ``WandbLogger`` it also logs a histogram, a line plot of the curves and images of the top
-    eigenvectors; with other loggers the same figures are written as PNG files under ``{log_dir}/{prefix}/``.
+    eigenvectors at every evaluation; with other loggers the same figures are written as PNG files under
+    ``{log_dir}/{prefix}/`` at the end of ``fit`` (and of standalone ``validate``/``test``).
 
     The probe set is drawn once (``seed``) from ``data`` or the trainer's validation (test) dataloader, and
     every point of the curve scores the same samples. Scoring runs in eval mode inside the package's state
@@ -80,7 +81,7 @@ class FisherRobustnessCallback(Callback):
 
     def __init__(
         self,
-        num_samples: int = 64,
+        num_samples: int = 32,
         every_n_epochs: Optional[int] = 1,
         every_n_train_steps: Optional[int] = None,
         method: SpectralMethod = "exact",
@@ -130,6 +131,7 @@ class FisherRobustnessCallback(Callback):
         self._generator_state: Tensor = torch.Generator().manual_seed(seed).get_state()
         self._last_epoch = -1
         self._last_step = -1
+        self._latest: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
     @property
     def state_key(self) -> str:
@@ -140,7 +142,8 @@ class FisherRobustnessCallback(Callback):
         if self._probe_inputs is None:
             self._probe_inputs, self._probe_indices = self._draw_probe_set(self._held_out_data(trainer, stage))
         try:
-            fisher_scores(self._scored_model(pl_module), self._probe_inputs[:2], "exact", output=self.output, mode="eval")
+            with fisher_operator(self._scored_model(pl_module), self._probe_inputs[:2], output=self.output, mode="eval") as op:
+                op.logits  # one forward: checks the output is (B, C) class scores with C >= 2
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"FisherRobustnessCallback cannot score this model: {error}") from error
 
@@ -231,14 +234,21 @@ class FisherRobustnessCallback(Callback):
         stats = {}
         for column, name in enumerate(_SCORES):
             stats.update(summarize(values[:, column], f"{self.prefix}/{name}"))
-        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, **stats}
+        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": str(trainer.state.fn), **stats}
         self.history.append(record)
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=trainer.global_step)
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in stats.items()})
+        self._latest = (values[:, 0], vectors, values[::world, 0])
         if self.log_figures and trainer.is_global_zero:
-            self._log_figures(trainer, values[:, 0], vectors, titles=values[::world, 0])
+            self._log_wandb_media(trainer, *self._latest)
+            if trainer.state.fn != TrainerFn.FITTING:
+                self._save_figures(trainer, *self._latest)
         return stats
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.log_figures and trainer.is_global_zero and self._latest is not None:
+            self._save_figures(trainer, *self._latest)
 
     def _score_share(self, share: Tensor, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
         """(n, 3) spectral norm, trace, radius of this rank's probes, and its first top eigenvectors."""
@@ -271,35 +281,42 @@ class FisherRobustnessCallback(Callback):
         gathered = trainer.strategy.all_gather(padded)
         return gathered.transpose(0, 1).reshape(-1, local.shape[1])[:total].cpu()
 
-    def _log_figures(self, trainer: pl.Trainer, spectral: Tensor, vectors: Tensor, titles: Tensor) -> None:
-        """W&B media for W&B loggers, PNG files for the others; `titles` are the eigenvectors' lambda_max."""
-        keys = [f"{self.prefix}/spectral_norm/{stat}" for stat in ("mean", "median", "p90", "max")]
-        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if wandb_loggers:
-            import wandb
+    def _curve_keys(self) -> list[str]:
+        return [f"{self.prefix}/spectral_norm/{stat}" for stat in ("mean", "median", "p90", "max")]
 
-            steps = [record["step"] for record in self.history]
-            media = {
-                f"{self.prefix}/spectral_norm/histogram": wandb.Histogram(spectral.numpy()),
-                f"{self.prefix}/curves": wandb.plot.line_series(
-                    xs=steps, ys=[[record[key] for record in self.history] for key in keys], keys=keys,
-                    title="Fisher spectral norm", xname="global_step",
-                ),
-                "trainer/global_step": trainer.global_step,
-            }
-            if figures.is_image_batch(vectors) and len(vectors):
-                media[f"{self.prefix}/eigenvectors"] = [
-                    wandb.Image(image, caption=f"lambda_max {value:.3g}")
-                    for image, value in zip(figures.as_images(vectors), titles.tolist())
-                ]
-            for logger in wandb_loggers:
-                logger.experiment.log(media)
-        if len(wandb_loggers) == len(trainer.loggers) and trainer.loggers:
+    def _log_wandb_media(self, trainer: pl.Trainer, spectral: Tensor, vectors: Tensor, titles: Tensor) -> None:
+        """At every evaluation: histogram, curves and eigenvector images to each WandbLogger (cheap, no rendering)."""
+        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not wandb_loggers:
+            return
+        import wandb
+
+        keys = self._curve_keys()
+        media = {
+            f"{self.prefix}/spectral_norm/histogram": wandb.Histogram(spectral.numpy()),
+            f"{self.prefix}/curves": wandb.plot.line_series(
+                xs=[record["step"] for record in self.history], ys=[[r[key] for r in self.history] for key in keys],
+                keys=keys, title="Fisher spectral norm", xname="global_step",
+            ),
+            "trainer/global_step": trainer.global_step,
+        }
+        if figures.is_image_batch(vectors) and len(vectors):
+            media[f"{self.prefix}/eigenvectors"] = [
+                wandb.Image(image, caption=f"lambda_max {value:.3g}")
+                for image, value in zip(figures.as_images(vectors), titles.tolist())
+            ]
+        for logger in wandb_loggers:
+            logger.experiment.log(media)
+
+    def _save_figures(self, trainer: pl.Trainer, spectral: Tensor, vectors: Tensor, titles: Tensor) -> None:
+        """PNG files under `{log_dir}/{prefix}/` for runs with a non-W&B logger (or none): written at the end
+        of `fit` and after standalone validate/test, so rendering never slows training down."""
+        if trainer.loggers and all(isinstance(logger, WandbLogger) for logger in trainer.loggers):
             return
         folder = Path(trainer.log_dir or trainer.default_root_dir) / self.prefix
         step = trainer.global_step
         figures.save(figures.histogram_figure(spectral, "lambda_max(F(x))"), folder / f"histogram_step{step}.png")
-        figures.save(figures.curves_figure(self.history, keys, "lambda_max(F(x))"), folder / "curves.png")
+        figures.save(figures.curves_figure(self.history, self._curve_keys(), "lambda_max(F(x))"), folder / "curves.png")
         if len(vectors):
             figures.save(figures.eigenvector_figure(vectors, titles[: len(vectors)]), folder / f"eigenvectors_step{step}.png")
 

@@ -74,5 +74,5 @@ def eigenvector_figure(vectors: Tensor, values: Tensor) -> Figure:
 
 def save(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=80)
     return path

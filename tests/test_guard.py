@@ -131,10 +131,12 @@ def test_torchvision_resnet_and_vit_agree_across_methods():
     resnet = torchvision.models.resnet18(num_classes=10).eval()
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                                hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    nn.init.normal_(vit.heads.head.weight, std=0.5)  # torchvision zero-initialises the head: F would be 0
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for model in (resnet, vit):
         before = _snapshot(model)
         exact = fl.fisher_spectral_norm(model, x)
         lanczos = fl.fisher_spectral_norm(model, x, "lanczos")
+        assert (exact > 1e-6).all()
         torch.testing.assert_close(lanczos, exact, rtol=1e-4, atol=0)
         _assert_same(before, _snapshot(model))

@@ -1,0 +1,69 @@
+"""Shared pieces of the benchmarks: machine description, data location, CIFAR-size models, timing."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {device}"
+
+
+def data_dir() -> Path:
+    """The offline data sets: $FIM_DATA_DIR, else ../shared/data beside the repository."""
+    return Path(os.environ.get("FIM_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def cifar_images(split: str = "test", count: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real CIFAR-10 images in [0, 1], (N, 3, 32, 32), and labels, from the offline npz subset."""
+    archive = np.load(data_dir() / "cifar10_subset.npz")
+    images = torch.from_numpy(archive[f"{split}_images"][:count]).permute(0, 3, 1, 2).float() / 255
+    return images, torch.from_numpy(archive[f"{split}_labels"][:count, 0]).long()
+
+
+def cifar_cnn(classes: int = 10) -> nn.Module:
+    """A small CIFAR CNN with BatchNorm (about 0.3M parameters)."""
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
+                         nn.MaxPool2d(2), *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, classes))
+
+
+def small_vit(classes: int = 10) -> nn.Module:
+    """torchvision's VisionTransformer at CIFAR size; its zero-initialised head is re-drawn (zero logits have F = 0)."""
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=4, num_heads=4,
+                                                 hidden_dim=128, mlp_dim=256, num_classes=classes)
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model
+
+
+def resnet18_32(classes: int = 10) -> nn.Module:
+    return torchvision.models.resnet18(num_classes=classes)
+
+
+def timed(fn, repeats: int = 3):
+    """(result of the last call, median seconds over `repeats` calls after one warm-up call)."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)

@@ -1,0 +1,83 @@
+"""LightningModules the recipes instantiate: `ImageClassifier` (cross-entropy, accuracy, optimizer) and
+`FisherRegularizedClassifier` (the same plus a Fisher penalty)."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class ImageClassifier(pl.LightningModule):
+    """Wraps any classifier `net` (pixels in [0, 1] -> logits) with cross-entropy training.
+
+    Args:
+        net: the classifier; it is what the Fisher callback scores (`model_attribute="net"`).
+        num_classes: number of classes (for the accuracy metric).
+        optimizer: a partial optimizer, e.g. `functools.partial(torch.optim.SGD, lr=0.05)`
+            (Hydra: `_partial_: true`); default Adam(lr=1e-3).
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, optimizer: Optional[Callable] = None) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.train_accuracy = MulticlassAccuracy(num_classes)
+        self.val_accuracy = MulticlassAccuracy(num_classes)
+        self.test_accuracy = MulticlassAccuracy(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        accuracy(logits, y)
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "train")
+        self.log(f"{stage}/acc", accuracy, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train", self.train_accuracy)
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val", self.val_accuracy)
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test", self.test_accuracy)
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+        return self.optimizer_factory(self.parameters())
+
+
+class FisherRegularizedClassifier(ImageClassifier):
+    """Cross-entropy plus a `FisherPenalty` on the training batch; logs `train/ce` and `train/fisher_penalty`.
+
+    In your own `training_step` the same is two lines:
+
+        loss = F.cross_entropy(logits := self.net(x), y)
+        loss = loss + self.penalty(self.net, x, step=self.global_step, logits=logits)
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, penalty: Optional[nn.Module] = None,
+                 optimizer: Optional[Callable] = None) -> None:
+        super().__init__(net, num_classes, optimizer)
+        self.penalty = penalty
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        ce = nn.functional.cross_entropy(logits, y)
+        self.train_accuracy(logits, y)
+        self.log("train/acc", self.train_accuracy, prog_bar=True)
+        self.log("train/ce", ce)
+        if self.penalty is None:
+            return ce
+        penalty = self.penalty(self.net, x, step=self.global_step, logits=logits)
+        self.log("train/fisher_penalty", penalty)
+        return ce + penalty

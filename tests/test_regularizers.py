@@ -1,0 +1,156 @@
+"""Fisher penalties: values and gradients against references, BatchNorm/dropout safety, schedules, errors."""
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+import fim_lightning as fl
+from fim_lightning.module import FisherRegularizedClassifier
+from tests.conftest import dense_fisher, make_cnn, make_mlp
+from tests.lightning_helpers import blobs, trainer
+
+
+def _mlp64():
+    return make_mlp().double()
+
+
+def _x64(n=4):
+    return torch.randn(n, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def _param_grad(model, loss):
+    return torch.autograd.grad(loss, [p for p in model.parameters()])
+
+
+def test_trace_penalty_is_unbiased_and_its_gradient_matches_the_dense_trace():
+    model, x = _mlp64(), _x64()
+    exact = torch.diagonal(dense_fisher(model, x), dim1=1, dim2=2).sum(1).mean()
+    penalty = fl.FisherTracePenalty(weight=1.0, num_probes=1000, mode="eval")
+    torch.testing.assert_close(penalty(model, x).double(), exact, rtol=0.05, atol=0)
+    reference = fl.FisherTracePenalty(weight=1.0, mode="eval")
+    # gradient of the exact trace (closed form through exact_trace on a differentiable operator)
+    with fl.preserved_state(model, x, mode="eval"):
+        op = fl.FisherOperator(model, x, differentiable=True)
+        trace = fl.algorithms.exact_trace(op).value.mean()
+    exact_grad = _param_grad(model, trace)
+    estimate = [torch.zeros_like(g) for g in exact_grad]
+    for _ in range(8):  # 8 x 100 probes, one per row of the repeated batch
+        for acc, g in zip(estimate, _param_grad(model, reference(model, x.repeat(100, 1)))):
+            acc += g / 8
+    for a, b in zip(estimate, exact_grad):
+        assert (a - b).norm() <= 0.15 * b.norm()
+
+
+@pytest.mark.parametrize("eigenvector", ["exact", "power"])
+def test_spectral_penalty_value_and_gradient_match_finite_differences(eigenvector):
+    model, x = _mlp64(), _x64(2)
+    penalty = fl.FisherSpectralPenalty(weight=1.0, eigenvector=eigenvector, steps=200, mode="eval")
+    value = penalty(model, x)
+    reference = torch.linalg.eigvalsh(dense_fisher(model, x))[:, -1].mean()
+    torch.testing.assert_close(value.double(), reference, rtol=1e-5, atol=0)
+    grads = _param_grad(model, penalty(model, x))
+    weight = model[0].weight
+    direction = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    h = 1e-5
+    values = []
+    for sign in (1, -1):
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            shifted[0].weight += sign * h * direction
+        values.append(torch.linalg.eigvalsh(dense_fisher(shifted, x))[:, -1].mean())
+    numeric = (values[0] - values[1]) / (2 * h)
+    assert (grads[0] * direction).sum().item() == pytest.approx(numeric.item(), rel=1e-4)
+
+
+def test_kl_penalty_tends_to_the_trace():
+    model, x = _mlp64(), _x64()
+    exact = torch.diagonal(dense_fisher(model, x), dim1=1, dim2=2).sum(1).mean()
+    penalty = fl.FisherKLPenalty(weight=1.0, step_size=1e-4, mode="eval")
+    repeated = x.repeat(500, 1)  # each row gets its own random direction
+    estimates = torch.stack([penalty(model, repeated).double() for _ in range(6)])
+    assert estimates.mean().item() == pytest.approx(exact.item(), rel=0.04)
+    with torch.no_grad():
+        logits = model(x)
+    torch.manual_seed(0)
+    a = fl.FisherKLPenalty(weight=1.0, step_size=1e-4, mode="eval", seed=3)(model, x, logits=logits)
+    b = fl.FisherKLPenalty(weight=1.0, step_size=1e-4, mode="eval", seed=3)(model, x)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("penalty_class", [fl.FisherTracePenalty, fl.FisherSpectralPenalty, fl.FisherKLPenalty])
+def test_batchnorm_buffers_rng_and_grads_untouched_in_train_mode(penalty_class):
+    model = nn.Sequential(make_cnn(), nn.Dropout(0.3)).train()
+    x = torch.randn(6, 3, 8, 8)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    value = penalty_class(weight=1.0)(model, x)
+    assert value.requires_grad and torch.isfinite(value)
+    for key, buffer in model.state_dict().items():
+        assert torch.equal(buffer, buffers[key]), key
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training and model[1].training
+    value.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_schedule_and_every_n_steps():
+    model, x = make_mlp(), torch.randn(4, 7)
+    penalty = fl.FisherSpectralPenalty(weight=2.0, warmup_steps=4, every_n_steps=2, mode="eval", eigenvector="exact")
+    full = fl.FisherSpectralPenalty(weight=2.0, mode="eval", eigenvector="exact")(model, x)
+    assert penalty(model, x, step=1).item() == 0.0
+    torch.testing.assert_close(penalty(model, x, step=0), full / 4)
+    torch.testing.assert_close(penalty(model, x, step=2), full * 3 / 4)
+    torch.testing.assert_close(penalty(model, x, step=10), full)
+
+
+def test_saturated_and_zero_probability_classes_give_finite_values():
+    base = make_mlp()
+    saturated = lambda x: 500 * base(x)  # noqa: E731  runner-up probabilities underflow to exactly 0
+    x = torch.randn(4, 7) * 3
+    for penalty in (fl.FisherTracePenalty(mode="eval"), fl.FisherSpectralPenalty(mode="eval"),
+                    fl.FisherKLPenalty(mode="eval")):
+        value = penalty(saturated, x)
+        assert torch.isfinite(value) and value >= 0
+    probs = lambda x: torch.nn.functional.one_hot(base(x).argmax(1), 5).float()  # noqa: E731
+    assert fl.FisherTracePenalty(mode="eval", output="probs")(probs, x).item() == 0.0
+
+
+def test_bad_arguments_and_nan_inputs():
+    with pytest.raises(ValueError, match="num_probes"):
+        fl.FisherTracePenalty(num_probes=0)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        fl.FisherKLPenalty(every_n_steps=0)
+    with pytest.raises(ValueError, match="NaN"):
+        fl.FisherTracePenalty()(make_mlp(), torch.full((2, 7), float("nan")))
+    nan_model = lambda x: make_mlp()(x) * float("nan")  # noqa: E731
+    with pytest.raises(ValueError, match="NaN"):
+        fl.FisherKLPenalty(mode="eval")(nan_model, torch.randn(2, 7))
+
+
+def _fit_regularized(tmp_path, penalty, **kwargs):
+    pl.seed_everything(0, workers=True)
+    net = nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4))
+    module = FisherRegularizedClassifier(net, num_classes=4, penalty=penalty)
+    data = torch.utils.data.DataLoader(blobs(), batch_size=16, shuffle=True)
+    val = torch.utils.data.DataLoader(blobs(n=48, seed=1), batch_size=16)
+    run = trainer(tmp_path, [fl.FisherRobustnessCallback(num_samples=24, model_attribute="net", log_figures=False)],
+                  max_epochs=4, **kwargs)
+    run.fit(module, data, val)
+    return module, run
+
+
+def test_regularized_classifier_lowers_the_fisher_spectral_norm(tmp_path):
+    _, plain = _fit_regularized(tmp_path / "plain", None)
+    _, regularized = _fit_regularized(tmp_path / "reg", fl.FisherSpectralPenalty(weight=20.0))
+    assert "train/fisher_penalty" in regularized.callback_metrics
+    assert regularized.callback_metrics["fim/spectral_norm/mean"] < 0.7 * plain.callback_metrics["fim/spectral_norm/mean"]
+
+
+@pytest.mark.parametrize("kwargs", [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 2}])
+def test_regularized_training_with_mixed_precision_and_accumulation(tmp_path, kwargs):
+    module, run = _fit_regularized(tmp_path, fl.FisherKLPenalty(weight=0.1), **kwargs)
+    assert torch.isfinite(run.callback_metrics["train/fisher_penalty"])
+    assert all(torch.isfinite(p).all() for p in module.parameters())
