@@ -234,7 +234,7 @@ class FisherRobustnessCallback(Callback):
         stats = {}
         for column, name in enumerate(_SCORES):
             stats.update(summarize(values[:, column], f"{self.prefix}/{name}"))
-        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": str(trainer.state.fn), **stats}
+        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": trainer.state.fn.value, **stats}
         self.history.append(record)
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=trainer.global_step)

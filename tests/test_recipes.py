@@ -11,7 +11,7 @@ def test_fim_train_quickstart_prints_the_curve_and_writes_the_plot(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-m", "recipes.train", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}",
-         "trainer.enable_progress_bar=false"],
+         "+trainer.enable_progress_bar=false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
