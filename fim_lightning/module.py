@@ -56,7 +56,11 @@ class ImageClassifier(pl.LightningModule):
 
 
 class FisherRegularizedClassifier(ImageClassifier):
-    """Cross-entropy plus a `FisherPenalty` on the training batch; logs `train/ce` and `train/fisher_penalty`.
+    """Cross-entropy plus a penalty on the training batch; logs `train/ce` and `train/fisher_penalty`.
+
+    `penalty` is any module called as `penalty(net, x, step=..., logits=...)`: a `FisherPenalty` or
+    `attacks.TradesPenalty`. `adversarial` (an `attacks.PGD`) replaces the training inputs by PGD examples
+    before the cross-entropy (Madry-style adversarial training).
 
     In your own `training_step` the same is two lines:
 
@@ -65,12 +69,15 @@ class FisherRegularizedClassifier(ImageClassifier):
     """
 
     def __init__(self, net: nn.Module, num_classes: int, penalty: Optional[nn.Module] = None,
-                 optimizer: Optional[Callable] = None) -> None:
+                 adversarial: Optional[nn.Module] = None, optimizer: Optional[Callable] = None) -> None:
         super().__init__(net, num_classes, optimizer)
         self.penalty = penalty
+        self.adversarial = adversarial
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if self.adversarial is not None:
+            x = self.adversarial(self.net, x, labels=y)
         logits = self(x)
         ce = nn.functional.cross_entropy(logits, y)
         self.train_accuracy(logits, y)

@@ -10,6 +10,14 @@ import fim_lightning as fl
 from fim_lightning.module import FisherRegularizedClassifier
 from tests.lightning_helpers import TinyClassifier, blobs, loaders, trainer
 
+@pytest.fixture(autouse=True)
+def fresh_master_port(monkeypatch):
+    """Each spawned group on its own free port: reusing the last group's port can abort the next one."""
+    from lightning_fabric.plugins.environments.lightning import find_free_network_port
+
+    monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
+
+
 KEYS = ["fim/spectral_norm/mean", "fim/spectral_norm/median", "fim/spectral_norm/p90", "fim/spectral_norm/max",
         "fim/trace/mean", "fim/radius/median"]
 
@@ -51,7 +59,7 @@ def _fit_penalized(tmp_path, batch_size, weight=5.0, **kwargs):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
     penalty = fl.FisherSpectralPenalty(weight=weight, eigenvector="exact")
-    module = _SequentialShards(net, 4, penalty, partial(torch.optim.SGD, lr=0.1), batch_size=batch_size)
+    module = _SequentialShards(net, 4, penalty, optimizer=partial(torch.optim.SGD, lr=0.1), batch_size=batch_size)
     run = trainer(tmp_path, logger=False, max_epochs=1, enable_checkpointing=False, use_distributed_sampler=False,
                   **kwargs)
     run.fit(module)

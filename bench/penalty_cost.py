@@ -1,0 +1,71 @@
+"""Time per training step with each Fisher penalty (and the adversarial peers) relative to plain
+cross-entropy, in one run on the same model and batch.
+
+    python bench/penalty_cost.py [--batch 128] [--steps 10]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fim_lightning as fl  # noqa: E402
+from bench.common import cifar_images, machine  # noqa: E402
+from fim_lightning.attacks import PGD, TradesPenalty  # noqa: E402
+from fim_lightning.models import SmallCNN  # noqa: E402
+
+VARIANTS = {
+    "plain cross-entropy": {},
+    "FisherKLPenalty (default)": {"penalty": fl.FisherKLPenalty()},
+    "FisherTracePenalty (1 probe)": {"penalty": fl.FisherTracePenalty()},
+    "FisherSpectralPenalty (power, 3 steps)": {"penalty": fl.FisherSpectralPenalty()},
+    "FisherSpectralPenalty (exact)": {"penalty": fl.FisherSpectralPenalty(eigenvector="exact")},
+    "TRADES (10 steps)": {"penalty": TradesPenalty()},
+    "PGD adversarial training (10 steps)": {"adversarial": PGD()},
+}
+
+
+def step_time(net: nn.Module, x, y, penalty=None, adversarial=None, steps: int = 10) -> float:
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        inputs = adversarial(net, x, labels=y) if adversarial is not None else x
+        logits = net(inputs)
+        loss = nn.functional.cross_entropy(logits, y)
+        if penalty is not None:
+            loss = loss + penalty(net, x, logits=logits)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    x, y = cifar_images("train", args.batch)
+    print(f"machine: {machine()}")
+    print(f"SmallCNN (recipes' default widths 32-64-128, BatchNorm, train mode), batch {args.batch} CIFAR-10 images; "
+          f"median of {args.steps} steps\n")
+    print("| training step | seconds | x plain |\n|---|---:|---:|")
+    base = None
+    for label, options in VARIANTS.items():
+        torch.manual_seed(0)
+        net = SmallCNN(3, 10).train()
+        seconds = step_time(net, x, y, steps=args.steps, **options)
+        base = base or seconds
+        print(f"| {label} | {seconds:.3f} | {seconds / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
