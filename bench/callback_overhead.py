@@ -11,6 +11,7 @@ time over the same wall time less the time spent inside the callback's hooks (in
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,8 @@ def run(epochs: int, callback_options: dict | None) -> tuple[float, float, torch
 
 
 def main() -> None:
+    for name in ("pytorch_lightning", "lightning_fabric"):  # keep the printed tables clean
+        logging.getLogger(name).setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)

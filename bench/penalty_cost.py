@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     x, y = cifar_images("train", args.batch)
     print(f"machine: {machine()}")
-    print(f"SmallCNN (recipes' default widths 32-64-128, BatchNorm, train mode), batch {args.batch} CIFAR-10 images; "
+    print(f"SmallCNN (widths 32-64-128, BatchNorm, train mode), batch {args.batch} CIFAR-10 images; "
           f"median of {args.steps} steps\n")
     print("| training step | seconds | x plain |\n|---|---:|---:|")
     base = None

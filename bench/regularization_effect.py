@@ -11,6 +11,7 @@ accuracy (adversarial-robustness-toolbox, L-inf 8/255 and L2 0.5, 20 steps, one 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from functools import partial
@@ -43,6 +44,8 @@ def methods(weights: list[float]) -> dict[str, dict]:
 
 
 def main() -> None:
+    for name in ("pytorch_lightning", "lightning_fabric"):  # keep the printed tables clean
+        logging.getLogger(name).setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", choices=sorted(DATA), default="cifar10")
     parser.add_argument("--epochs", type=int, default=8)

@@ -1,5 +1,12 @@
 """fim-lightning: input-space Fisher information of classifiers, for measuring and training robustness."""
 from fim_lightning.algorithms import TopEigenpair, TraceEstimate
+from fim_lightning.blackbox import (
+    BlackBoxEstimate,
+    blackbox_fisher,
+    blackbox_fisher_spectral_norm,
+    blackbox_fisher_trace,
+    numpy_predictor,
+)
 from fim_lightning.callback import FisherRobustnessCallback
 from fim_lightning.functional import (
     FisherScores,
@@ -17,6 +24,7 @@ from fim_lightning.regularizers import FisherKLPenalty, FisherPenalty, FisherSpe
 from fim_lightning.operator import FisherOperator
 
 __all__ = [
+    "BlackBoxEstimate",
     "FisherKLPenalty",
     "FisherOperator",
     "FisherPenalty",
@@ -27,6 +35,9 @@ __all__ = [
     "FisherScores",
     "TopEigenpair",
     "TraceEstimate",
+    "blackbox_fisher",
+    "blackbox_fisher_spectral_norm",
+    "blackbox_fisher_trace",
     "fisher_operator",
     "fisher_robustness_radius",
     "fisher_scores",
@@ -34,6 +45,7 @@ __all__ = [
     "fisher_top_eigenpair",
     "fisher_trace",
     "fisher_vector_product",
+    "numpy_predictor",
     "preserved_state",
 ]
 __version__ = "0.1.0"

@@ -14,14 +14,15 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 
-def _figure(width: float = 5.0, height: float = 3.5) -> Figure:
+def new_figure(width: float = 5.0, height: float = 3.5) -> Figure:
+    """An empty figure on its own Agg canvas (no pyplot, no global state)."""
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
 def histogram_figure(values: Tensor, title: str) -> Figure:
-    figure = _figure()
+    figure = new_figure()
     ax = figure.add_subplot()
     ax.hist(values.detach().cpu().double().numpy(), bins=30)
     ax.set_xlabel(title)
@@ -31,7 +32,7 @@ def histogram_figure(values: Tensor, title: str) -> Figure:
 
 def curves_figure(history: Sequence[dict], keys: Sequence[str], title: str) -> Figure:
     """One line per key of the history records, against their global step."""
-    figure = _figure()
+    figure = new_figure()
     ax = figure.add_subplot()
     steps = [record["step"] for record in history]
     for key in keys:
@@ -60,7 +61,7 @@ def is_image_batch(vectors: Tensor) -> bool:
 def eigenvector_figure(vectors: Tensor, values: Tensor) -> Figure:
     """The most sensitive input directions, as images (image inputs) or as profiles (other inputs)."""
     count = len(vectors)
-    figure = _figure(2.2 * count, 2.4)
+    figure = new_figure(2.2 * count, 2.4)
     for i, (vector, value) in enumerate(zip(vectors, values)):
         ax = figure.add_subplot(1, count, i + 1)
         if is_image_batch(vectors):

@@ -140,3 +140,20 @@ def test_torchvision_resnet_and_vit_agree_across_methods():
         assert (exact > 1e-6).all()
         torch.testing.assert_close(lanczos, exact, rtol=1e-4, atol=0)
         _assert_same(before, _snapshot(model))
+
+
+def test_timm_vit_on_cpu_matches_the_dense_reference():
+    import timm  # a dev dependency
+
+    from tests.conftest import dense_fisher
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=5,
+                              depth=2, embed_dim=32, num_heads=2).eval()
+    nn.init.normal_(model.head.weight, std=0.5)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = _snapshot(model)
+    reference = torch.linalg.eigvalsh(dense_fisher(model, x))[:, -1]
+    torch.testing.assert_close(fl.fisher_spectral_norm(model, x, model_dtype=torch.float64), reference, rtol=1e-8, atol=0)
+    torch.testing.assert_close(fl.fisher_spectral_norm(model, x, "lanczos"), reference, rtol=1e-4, atol=0)
+    _assert_same(before, _snapshot(model))

@@ -23,3 +23,15 @@ def test_fim_train_quickstart_prints_the_curve_and_writes_the_plot(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "fim/spectral_norm/mean" in metrics and "fim/radius/median" in metrics
+
+
+def test_fim_train_with_a_fisher_penalty_logs_both_terms(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "recipes.train", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}",
+         "+trainer.enable_progress_bar=false", "regularizer=fisher_kl"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/fisher_penalty" in metrics and "train/ce" in metrics

@@ -1,0 +1,88 @@
+"""Black-box lambda_max error against queries, beside the white-box exact value and the SRP statistic.
+
+Trains the recipes' SmallCNN on the offline CIFAR-10 subset for a few epochs, then on `--images` test images
+compares `blackbox_fisher` (probabilities only) at several budgets with the white-box exact lambda_max, and
+reports the statistic of the paper's public code (franz-chang/SRP): the maximum over 200 random unit
+directions of the one-sided finite-difference form 2 KL(p(x) || p(x + h u)) / h^2 (201 queries).
+
+    python bench/blackbox.py [--images 100] [--epochs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fim_lightning as fl  # noqa: E402
+from bench.common import data_dir, machine  # noqa: E402
+from fim_lightning.data import NpzDataModule  # noqa: E402
+from fim_lightning.figures import new_figure, save  # noqa: E402
+from fim_lightning.models import SmallCNN  # noqa: E402
+from fim_lightning.module import ImageClassifier  # noqa: E402
+
+BUDGETS = (33, 65, 129, 257, 513, 1025)
+
+
+def srp_statistic(predict, x: torch.Tensor, directions: int = 200, h: float = 1e-2, seed: int = 0) -> torch.Tensor:
+    """max_u 2 KL(p(x) || p(x + h u)) / h^2 over random unit u: 1 + `directions` queries per sample."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn((directions, *x.shape), generator=gen)
+    u = u / u.flatten(2).norm(dim=2).view(directions, len(x), 1, 1, 1)
+    with torch.no_grad():
+        log_p = predict(x).log()
+        log_q = predict((x + h * u).flatten(0, 1)).log().view(directions, len(x), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return (2 * kl / h**2).max(0).values.double()
+
+
+def main() -> None:
+    for name in ("pytorch_lightning", "lightning_fabric"):  # keep the printed tables clean
+        logging.getLogger(name).setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    pl.seed_everything(0, workers=True)
+    data = NpzDataModule(str(data_dir() / "cifar10_subset.npz"), num_classes=10, in_channels=3, batch_size=128)
+    module = ImageClassifier(SmallCNN(3, 10), 10, optimizer=partial(torch.optim.Adam, lr=3e-3))
+    pl.Trainer(max_epochs=args.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=data)
+    net = module.net.eval()
+    x = data.splits["test"].tensors[0][: args.images]
+    exact = fl.fisher_spectral_norm(net, x)
+    trace = fl.fisher_trace(net, x)
+    predict = lambda inputs: net(inputs).softmax(-1)  # noqa: E731
+    print(f"machine: {machine()}")
+    print(f"SmallCNN trained {args.epochs} epochs on the CIFAR-10 subset; {len(x)} test images; "
+          f"median exact lambda_max {exact.median():.4g}, median tr F {trace.median():.4g}\n")
+    print("| estimator | queries / sample | median rel. error of lambda_max | 90th pct rel. error |")
+    print("|---|---:|---:|---:|")
+    medians = []
+    for budget in BUDGETS:
+        estimate = fl.blackbox_fisher(predict, x, budget, max_batch=4096)
+        error = (estimate.spectral_norm - exact).abs() / exact
+        medians.append(error.median().item())
+        print(f"| Gram sketch (this package) | {int(estimate.queries.max())} | {error.median():.3f} | {error.quantile(0.9):.3f} |")
+    srp = srp_statistic(predict, x)
+    ratio = srp / exact
+    print(f"| SRP statistic (max over 200 directions) | 201 | {(ratio - 1).abs().median():.3f} | "
+          f"{(ratio - 1).abs().quantile(0.9):.3f} |")
+    print(f"\nSRP statistic / lambda_max: median {ratio.median():.4f}; SRP / (tr F / d): median "
+          f"{(srp / (trace / x[0].numel())).median():.2f}")
+    figure = new_figure()
+    ax = figure.add_subplot()
+    ax.loglog(BUDGETS, medians, marker="o", label="Gram sketch")
+    ax.set_xlabel("queries per sample")
+    ax.set_ylabel("median relative error of lambda_max")
+    ax.legend()
+    print("plot:", save(figure, Path(__file__).parent / "results" / "blackbox_error.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Black-box Fisher estimation: probabilities (or logits, log-probabilities) from queries alone, no autograd.
+
+With s = log p and unit probes u_k, central differences give J u_k ~ (s(x + h u_k) - s(x - h u_k)) / 2h in
+two queries; y_k = sqrt(d) J u_k has E[y y^T] = J J^T (E[u u^T] = I / d). The Gram sketch
+G = W (1/K sum_k y_k y_k^T) W^T, with the cancellation-free factor W of M = diag(p) - p p^T
+(`algorithms.dual_weights`), estimates the dual whose top eigenvalue is lambda_max(F), and tr F = E|W y|^2.
+
+Step: the displacement |h u| = eps^(1/3) * max(1, rms(x)) (eps of the query dtype); on a CIFAR CNN a
+per-coordinate step that large (|h u| 55x bigger) biased lambda_max by -10%, this one by -1%
+(`bench/blackbox.py`). Probes are not clipped: a predictor that clips its inputs to a valid range would see a different
+direction than the one differenced, so the estimate assumes the model is defined slightly outside the data
+range (every neural network is); pass inputs away from hard bounds or accept the bias.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fim_lightning.algorithms import default_generator, dual_weights
+from fim_lightning.operator import OutputKind, as_class_scores, check_inputs, check_output_kind, \
+    check_output_values, log_probs_from_output
+
+
+@dataclass(frozen=True)
+class BlackBoxEstimate:
+    """Per-sample black-box estimates and their query accounting.
+
+    Attributes:
+        spectral_norm: (B,) lambda_max(F) from the Gram sketch.
+        trace: (B,) tr F and `trace_stderr`, its standard error over probes.
+        lower, upper: (B,) the bracket tr F / (C - 1) <= lambda_max <= tr F from the trace estimate.
+        queries: (B,) model evaluations spent on each sample (never above the budget).
+        calls: number of calls of `predict`.
+    """
+
+    spectral_norm: Tensor
+    trace: Tensor
+    trace_stderr: Tensor
+    lower: Tensor
+    upper: Tensor
+    queries: Tensor
+    calls: int
+
+
+class _CountingPredictor:
+    """Calls `predict` under no_grad in batches of at most `max_batch` points and counts calls."""
+
+    def __init__(self, predict: Callable[[Tensor], object], output: OutputKind, max_batch: int) -> None:
+        self.predict, self.output, self.max_batch, self.calls = predict, output, max_batch, 0
+
+    def log_probs(self, points: Tensor) -> Tensor:
+        parts = []
+        with torch.no_grad():
+            for chunk in points.split(self.max_batch):
+                scores = as_class_scores(self.predict(chunk), len(chunk))
+                check_output_values(scores, self.output)
+                parts.append(log_probs_from_output(scores, self.output))
+                self.calls += 1
+        return torch.cat(parts)
+
+
+def blackbox_fisher(
+    predict: Callable[[Tensor], object],
+    inputs: Tensor,
+    num_queries: int = 128,
+    *,
+    output: OutputKind = "probs",
+    step: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    max_batch: int = 8192,
+) -> BlackBoxEstimate:
+    """lambda_max(F), tr F and the bracket from at most `num_queries` evaluations per sample.
+
+    Args:
+        predict: maps a float batch (N, ...) to (N, C) probabilities / logits / log-probabilities (`output`);
+            called under `torch.no_grad()` only.
+        inputs: the batch (B, ...).
+        num_queries: budget per sample: one query at x and two per probe, so (num_queries - 1) // 2 probes.
+        step: the length |h u| of the finite-difference displacement; default eps^(1/3) * max(1, rms(x)).
+        generator: for the probes (default: a fresh one seeded with 0; the global RNG is never used).
+        max_batch: the most points per call of `predict` (all probes of all samples go in as few calls as that allows).
+    """
+    check_output_kind(output)
+    check_inputs(inputs)
+    probes = (num_queries - 1) // 2
+    if probes < 1:
+        raise ValueError(f"num_queries must be >= 3 (one query at x, two per probe), got {num_queries}")
+    x = inputs.detach()
+    batch, dim = x.shape[0], x[0].numel()
+    counter = _CountingPredictor(predict, output, max_batch)
+    log_p = counter.log_probs(x)
+    generator = default_generator(torch.device("cpu"), generator)
+    u = torch.randn((probes, *x.shape), generator=generator).to(x.device, x.dtype)
+    u = u / u.flatten(2).norm(dim=2).view(probes, batch, *([1] * (x.ndim - 1)))
+    rms = x.flatten(1).pow(2).mean(1).sqrt().clamp_min(1.0)
+    h = step * torch.ones_like(rms) if step is not None else torch.finfo(x.dtype).eps ** (1 / 3) * rms
+    shift = h.view(1, batch, *([1] * (x.ndim - 1))) * u
+    points = torch.cat([(x + shift).flatten(0, 1), (x - shift).flatten(0, 1)])
+    values = counter.log_probs(points).view(2, probes, batch, -1)
+    directional = (values[0] - values[1]) / (2 * h.view(1, batch, 1).to(values.dtype))
+    weights = dual_weights(log_p)[0]
+    images = torch.einsum("kbc,nbc->nbk", weights, math.sqrt(dim) * directional)
+    gram = torch.einsum("nbc,nbd->bcd", images, images) / probes
+    spectral = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0)
+    samples = images.square().sum(-1)
+    trace = samples.mean(0)
+    stderr = samples.std(0) / math.sqrt(probes) if probes > 1 else torch.full_like(trace, math.inf)
+    classes = log_p.shape[1]
+    return BlackBoxEstimate(
+        spectral_norm=spectral,
+        trace=trace,
+        trace_stderr=stderr,
+        lower=trace / (classes - 1),
+        upper=trace,
+        queries=torch.full((batch,), 1 + 2 * probes, dtype=torch.long),
+        calls=counter.calls,
+    )
+
+
+def blackbox_fisher_spectral_norm(predict: Callable, inputs: Tensor, num_queries: int = 128, **options) -> Tensor:
+    """lambda_max(F(x_i)) per sample from queries alone (see `blackbox_fisher` for the options)."""
+    return blackbox_fisher(predict, inputs, num_queries, **options).spectral_norm
+
+
+def blackbox_fisher_trace(predict: Callable, inputs: Tensor, num_queries: int = 128, **options) -> Tensor:
+    """tr F(x_i) per sample from queries alone; its standard error is `blackbox_fisher(...).trace_stderr`."""
+    return blackbox_fisher(predict, inputs, num_queries, **options).trace
+
+
+def numpy_predictor(function: Callable[[np.ndarray], np.ndarray], input_shape: Optional[tuple[int, ...]] = None,
+                    dtype: np.dtype = np.float64) -> Callable[[Tensor], Tensor]:
+    """Wrap a NumPy function (scikit-learn's `predict_proba`, an onnxruntime session's run) as a predictor:
+    tensors in (reshaped to `(N, *input_shape)` if given), float64 tensors out."""
+
+    def predict(batch: Tensor) -> Tensor:
+        array = batch.detach().cpu().numpy().astype(dtype)
+        if input_shape is not None:
+            array = array.reshape(len(array), *input_shape)
+        return torch.from_numpy(np.asarray(function(array), dtype=np.float64))
+
+    return predict

@@ -1,0 +1,103 @@
+"""Query-only estimators against white-box exact values, with exact query accounting and clear errors."""
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_iris
+from sklearn.neural_network import MLPClassifier
+from torch import nn
+
+import fim_lightning as fl
+from fim_lightning.blackbox import blackbox_fisher, blackbox_fisher_spectral_norm, numpy_predictor
+from tests.conftest import make_mlp
+
+
+class _Counting:
+    def __init__(self, model):
+        self.model, self.points, self.calls, self.grad_enabled = model, 0, 0, []
+
+    def __call__(self, x):
+        self.calls += 1
+        self.points += len(x)
+        self.grad_enabled.append(torch.is_grad_enabled())
+        return self.model(x).softmax(-1)
+
+
+def test_agrees_with_white_box_exact_and_counts_queries():
+    model = make_mlp().double()
+    x = torch.randn(3, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    predict = _Counting(model)
+    rng = torch.get_rng_state()
+    estimate = blackbox_fisher(predict, x, num_queries=20001, max_batch=100000)
+    assert torch.equal(torch.get_rng_state(), rng)
+    exact = fl.fisher_spectral_norm(model, x)
+    torch.testing.assert_close(estimate.spectral_norm, exact, rtol=0.05, atol=0)
+    trace = fl.fisher_trace(model, x)
+    assert ((estimate.trace - trace).abs() <= 4 * estimate.trace_stderr).all()
+    assert (estimate.lower <= estimate.upper).all()
+    assert estimate.queries.tolist() == [20001] * 3 and predict.points == 3 * 20001
+    assert estimate.calls == predict.calls == 2 and not any(predict.grad_enabled)
+
+
+@pytest.mark.parametrize("budget", [3, 128, 1000])
+def test_never_exceeds_the_budget(budget):
+    model = make_mlp()
+    predict = _Counting(model)
+    estimate = blackbox_fisher(predict, torch.randn(4, 7), num_queries=budget, max_batch=100)
+    per_sample = 1 + 2 * ((budget - 1) // 2)
+    assert (estimate.queries == per_sample).all() and per_sample <= budget
+    assert predict.points == 4 * per_sample
+    assert estimate.calls == predict.calls == 1 + -(-4 * (per_sample - 1) // 100)
+
+
+def test_error_shrinks_with_the_budget():
+    model = make_mlp().double()
+    x = torch.randn(6, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = fl.fisher_spectral_norm(model, x)
+    predict = lambda inputs: model(inputs).softmax(-1)  # noqa: E731
+    errors = [((blackbox_fisher_spectral_norm(predict, x, q, generator=torch.Generator().manual_seed(s)) - exact).abs()
+               / exact).mean().item() for q in (33, 4097) for s in range(3)]
+    assert np.mean(errors[3:]) < np.mean(errors[:3]) / 3
+
+
+def _torch_mlp_from_sklearn(classifier):
+    """The fitted scikit-learn MLP as a float64 torch module returning logits (the analytic reference)."""
+    layers = []
+    for i, (w, b) in enumerate(zip(classifier.coefs_, classifier.intercepts_)):
+        linear = nn.Linear(*w.shape).double()
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(w.T))
+            linear.bias.copy_(torch.from_numpy(b))
+        layers.append(linear)
+        if i < len(classifier.coefs_) - 1:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def test_scikit_learn_mlp_through_the_numpy_adapter():
+    data = load_iris()
+    classifier = MLPClassifier(hidden_layer_sizes=(16,), activation="tanh", max_iter=2000, random_state=0)
+    classifier.fit(data.data, data.target)
+    reference = _torch_mlp_from_sklearn(classifier)
+    x = torch.from_numpy(data.data[::30]).double()
+    torch.testing.assert_close(reference(x).softmax(-1), torch.from_numpy(classifier.predict_proba(x.numpy())))
+    exact = fl.fisher_spectral_norm(reference, x)
+    estimate = blackbox_fisher(numpy_predictor(classifier.predict_proba), x, num_queries=20001)
+    torch.testing.assert_close(estimate.spectral_norm, exact, rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize(
+    "predict, match",
+    [
+        (lambda x: x.sum(1), r"\(B, C\)"),
+        (lambda x: torch.full((len(x), 3), float("nan")), "NaN"),
+        (lambda x: torch.full((len(x), 3), 0.5), "not probability vectors"),
+    ],
+)
+def test_bad_predictors(predict, match):
+    with pytest.raises(ValueError, match=match):
+        blackbox_fisher(predict, torch.randn(2, 7))
+
+
+def test_bad_budget():
+    with pytest.raises(ValueError, match="num_queries must be >= 3"):
+        blackbox_fisher(lambda x: x[:, :3].softmax(-1), torch.randn(2, 7), num_queries=2)
