@@ -10,7 +10,6 @@ directions of the one-sided finite-difference form 2 KL(p(x) || p(x + h u)) / h^
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from functools import partial
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fim_lightning as fl  # noqa: E402
-from bench.common import data_dir, machine  # noqa: E402
+from bench.common import data_dir, machine, quiet_lightning  # noqa: E402
 from fim_lightning.data import NpzDataModule  # noqa: E402
 from fim_lightning.figures import new_figure, save  # noqa: E402
 from fim_lightning.models import SmallCNN  # noqa: E402
@@ -42,8 +41,7 @@ def srp_statistic(predict, x: torch.Tensor, directions: int = 200, h: float = 1e
 
 
 def main() -> None:
-    for name in ("pytorch_lightning", "lightning_fabric"):  # keep the printed tables clean
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_lightning()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=3)

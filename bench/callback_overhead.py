@@ -11,7 +11,6 @@ time over the same wall time less the time spent inside the callback's hooks (in
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import data_dir, machine  # noqa: E402
+from bench.common import data_dir, machine, quiet_lightning  # noqa: E402
 from fim_lightning import FisherRobustnessCallback  # noqa: E402
 from fim_lightning.data import NpzDataModule  # noqa: E402
 from fim_lightning.models import SmallCNN  # noqa: E402
@@ -75,8 +74,7 @@ def run(epochs: int, callback_options: dict | None) -> tuple[float, float, torch
 
 
 def main() -> None:
-    for name in ("pytorch_lightning", "lightning_fabric"):  # keep the printed tables clean
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_lightning()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)

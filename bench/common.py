@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: machine description, data location, CIFAR-size models, timing."""
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import statistics
@@ -67,3 +68,9 @@ def timed(fn, repeats: int = 3):
         result = fn()
         times.append(time.perf_counter() - start)
     return result, statistics.median(times)
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's info lines out of the printed tables."""
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -11,7 +11,6 @@ accuracy (adversarial-robustness-toolbox, L-inf 8/255 and L2 0.5, 20 steps, one 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from functools import partial
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fim_lightning as fl  # noqa: E402
-from bench.common import data_dir, machine  # noqa: E402
+from bench.common import data_dir, machine, quiet_lightning  # noqa: E402
 from fim_lightning.attacks import PGD, TradesPenalty, robust_accuracy  # noqa: E402
 from fim_lightning.data import NpzDataModule  # noqa: E402
 from fim_lightning.models import SmallCNN  # noqa: E402
@@ -44,8 +43,7 @@ def methods(weights: list[float]) -> dict[str, dict]:
 
 
 def main() -> None:
-    for name in ("pytorch_lightning", "lightning_fabric"):  # keep the printed tables clean
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_lightning()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", choices=sorted(DATA), default="cifar10")
     parser.add_argument("--epochs", type=int, default=8)

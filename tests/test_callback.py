@@ -10,7 +10,6 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from torch import nn
 
 import fim_lightning as fl
 from tests.lightning_helpers import TinyClassifier, blobs, loaders, trainer

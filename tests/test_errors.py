@@ -1,7 +1,6 @@
 """Bad input gets an error that names the problem."""
 import pytest
 import torch
-from torch import nn
 
 import fim_lightning as fl
 from tests.conftest import make_cnn, make_mlp
