@@ -7,6 +7,7 @@ from fim_lightning.blackbox import (
     blackbox_fisher_trace,
     numpy_predictor,
 )
+from fim_lightning.bounds import SpectralBound, fisher_spectral_bound
 from fim_lightning.callback import FisherRobustnessCallback
 from fim_lightning.functional import (
     FisherScores,
@@ -32,6 +33,7 @@ __all__ = [
     "FisherSpectralNorm",
     "FisherSpectralPenalty",
     "FisherTracePenalty",
+    "SpectralBound",
     "FisherScores",
     "TopEigenpair",
     "TraceEstimate",
@@ -41,6 +43,7 @@ __all__ = [
     "fisher_operator",
     "fisher_robustness_radius",
     "fisher_scores",
+    "fisher_spectral_bound",
     "fisher_spectral_norm",
     "fisher_top_eigenpair",
     "fisher_trace",
