@@ -190,3 +190,62 @@ def test_wandb_offline_run_records_the_fim_keys(tmp_path, monkeypatch):
     media = [row for row in rows if "fim/spectral_norm/histogram/_type" in row]
     assert len(media) == 2 and media[-1]["fim/curves_table/_type"] == "table-file"
     assert sum(media[-1]["fim/spectral_norm/histogram/values"]) == 8
+
+
+class _BlobsData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return loaders()[0]
+
+    def val_dataloader(self):
+        return loaders()[1]
+
+
+def test_configured_from_lightning_cli_yaml(tmp_path):
+    from pytorch_lightning.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""
+trainer:
+  max_epochs: 1
+  accelerator: cpu
+  logger: false
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+  callbacks:
+    - class_path: fim_lightning.FisherRobustnessCallback
+      init_args:
+        num_samples: 16
+        method: lanczos
+        estimator_options: {{max_iter: 20}}
+        every_n_epochs: null
+        every_n_train_steps: 3
+""")
+    cli = LightningCLI(TinyClassifier, _BlobsData, run=False, save_config_callback=None, args=["--config", str(config)])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, fl.FisherRobustnessCallback)]
+    assert (callback.num_samples, callback.method, callback.estimator_options) == (16, "lanczos", {"max_iter": 20})
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert [record["step"] for record in callback.history] == [3, 6]
+
+
+def test_wandb_gets_eigenvector_images_for_image_inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fim_lightning.models import SmallCNN
+    from fim_lightning.module import ImageClassifier
+
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(64, 1, 8, 8, generator=gen), torch.arange(64) % 4
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fim-test")
+    callback = fl.FisherRobustnessCallback(num_samples=8, num_eigenvectors=3, model_attribute="net")
+    pl.seed_everything(0)
+    run = trainer(tmp_path, [callback], max_epochs=1, logger=logger)
+    run.fit(ImageClassifier(SmallCNN(1, 4, widths=(4, 8)), 4), DataLoader(TensorDataset(images, labels), batch_size=16),
+            DataLoader(TensorDataset(images[:32], labels[:32]), batch_size=16))
+    run_dir = Path(logger.experiment.dir).parent
+    wandb.finish()
+    media = [row for row in read_wandb_history(next(run_dir.glob("*.wandb"))) if "fim/eigenvectors/count" in row]
+    assert len(media) == 1 and media[0]["fim/eigenvectors/count"] == 3
+    assert list((run_dir / "files" / "media" / "images").rglob("eigenvectors_*.png"))  # W&B tiles the 3 into one file
