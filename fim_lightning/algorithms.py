@@ -68,12 +68,13 @@ def _per_sample(scalars: Tensor, like: Tensor) -> Tensor:
     return scalars.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
-def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
+def rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
+    """Rademacher entries of `shape`, drawn on the generator's device and moved to `like`'s device and dtype."""
     bits = torch.randint(0, 2, shape, generator=generator, device=generator.device)
     return (2 * bits - 1).to(like.device, like.dtype)
 
 
-def _random_unit(like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+def random_unit(like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     """A Gaussian start vector per sample, drawn on the generator's device and moved to the inputs'."""
     generator = default_generator(like.device, generator)
     return _unit(torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device))
@@ -152,7 +153,7 @@ def power_iteration(
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     x = op.inputs
-    v = _random_unit(x, generator)
+    v = random_unit(x, generator)
     previous = torch.full((x.shape[0],), math.inf, dtype=dtype, device=x.device)
     for step in range(1, max_iter + 1):
         w = op.matvec(v)
@@ -184,7 +185,7 @@ def lanczos(
     x = op.inputs
     batch, dim = x.shape[0], x[0].numel()
     steps = min(max_iter, dim)
-    q = _random_unit(x, generator).flatten(1)
+    q = random_unit(x, generator).flatten(1)
     basis = torch.zeros(batch, steps, dim, dtype=x.dtype, device=x.device)
     alphas = torch.zeros(batch, steps, dtype=dtype, device=x.device)
     betas = torch.zeros(batch, steps, dtype=dtype, device=x.device)
@@ -228,7 +229,7 @@ def _probe_images(op: FisherOperator, num_probes: int, generator, chunk_size) ->
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
     x = op.inputs
     weights = dual_weights(op.log_probs)[0]  # before vmap, so z(x) is recorded outside it
-    probes = _rademacher((num_probes, *x.shape), x, default_generator(x.device, generator))
+    probes = rademacher((num_probes, *x.shape), x, default_generator(x.device, generator))
     images = torch.func.vmap(op.jvp, chunk_size=chunk_size, randomness="same")(probes)
     return probes, torch.einsum("kbc,nbc->nbk", weights, images.to(weights.dtype))
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fim_lightning import figures
-from fim_lightning.functional import METHODS, SpectralMethod, fisher_operator, fisher_scores
+from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_options, fisher_operator, fisher_scores
 from fim_lightning.operator import OUTPUT_KINDS, OutputKind
 
 _SCORES = ("spectral_norm", "trace", "radius")
@@ -103,12 +103,11 @@ class FisherRobustnessCallback(Callback):
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
             if value is not None and value < 1:
                 raise MisconfigurationException(f"{name} must be >= 1 or None, got {value}")
-        if method not in METHODS:
-            raise MisconfigurationException(f"method must be one of {tuple(METHODS)}, got {method!r}")
         options = dict(estimator_options or {})
-        unknown = set(options) - METHODS[method][1] - {"model_dtype", "dtype"}
-        if unknown:
-            raise MisconfigurationException(f"estimator_options {sorted(unknown)} do not apply to method={method!r}")
+        try:
+            check_estimator_options(method, options)
+        except (TypeError, ValueError) as error:
+            raise MisconfigurationException(f"FisherRobustnessCallback: {error}") from error
         if output not in OUTPUT_KINDS:
             raise MisconfigurationException(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
         self.num_samples = num_samples

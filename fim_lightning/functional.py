@@ -32,7 +32,8 @@ TRACE_METHODS = {
 }
 
 
-def _select(table: dict, method: str, options: dict) -> Callable:
+def select_algorithm(table: dict, method: str, options: dict) -> Callable:
+    """The algorithm of `method` in `table`, after checking that it takes every one of `options`."""
     if method not in table:
         raise ValueError(f"method must be one of {tuple(table)}, got {method!r}")
     algorithm, accepted = table[method]
@@ -40,6 +41,11 @@ def _select(table: dict, method: str, options: dict) -> Callable:
     if unknown:
         raise TypeError(f"option(s) {sorted(unknown)} do not apply to method={method!r}; it takes {sorted(accepted)}")
     return algorithm
+
+
+def check_estimator_options(method: str, options: dict) -> None:
+    """Raise if `method` is unknown or one of `options` (besides `model_dtype` / `dtype`) does not apply to it."""
+    select_algorithm(METHODS, method, {k: v for k, v in options.items() if k not in ("model_dtype", "dtype")})
 
 
 @contextmanager
@@ -69,7 +75,7 @@ def fisher_top_eigenpair(
     **options,
 ) -> algorithms.TopEigenpair:
     """lambda_max(F(x_i)) with its eigenvector, residual and step count (see `algorithms.TopEigenpair`)."""
-    algorithm = _select(METHODS, method, options)
+    algorithm = select_algorithm(METHODS, method, options)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         return algorithm(op, dtype=dtype, **options)
 
@@ -92,7 +98,7 @@ def fisher_trace(
     **options,
 ) -> Tensor:
     """tr F(x_i) = E_{y~p} |grad_x log p(y|x_i)|^2 for each sample, (B,)."""
-    algorithm = _select(TRACE_METHODS, method, options)
+    algorithm = select_algorithm(TRACE_METHODS, method, options)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         return algorithm(op, dtype=dtype, **options).value
 
@@ -139,20 +145,19 @@ def fisher_robustness_radius(
     the input distance needed to move the output distribution a Fisher-Rao length equal to the margin
     when it moves at the fastest rate, sqrt(d^T F d) <= sqrt(lambda_max) |d|; +inf where F(x) = 0.
     """
-    algorithm = _select(METHODS, method, options)
+    algorithm = select_algorithm(METHODS, method, options)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         return _margin_over_sqrt(op, algorithm(op, dtype=dtype, **options).eigenvalue)
 
 
 @dataclass(frozen=True)
 class FisherScores:
-    """Per-sample scores from one operator: lambda_max, tr F, robustness radius, top eigenvector, prediction."""
+    """Per-sample scores from one operator: lambda_max, tr F, robustness radius, top eigenvector."""
 
     spectral_norm: Tensor
     trace: Tensor
     radius: Tensor
     eigenvector: Tensor
-    prediction: Tensor
 
 
 def fisher_scores(
@@ -167,7 +172,7 @@ def fisher_scores(
     **options,
 ) -> FisherScores:
     """Everything the Lightning layer logs, sharing one forward pass (and, for "exact", one set of VJPs)."""
-    algorithm = _select(METHODS, method, options)
+    algorithm = select_algorithm(METHODS, method, options)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         pair = algorithm(op, dtype=dtype, **options)
         trace = pair.trace if pair.trace is not None else algorithms.exact_trace(op, dtype=dtype).value
@@ -176,5 +181,4 @@ def fisher_scores(
             trace=trace,
             radius=_margin_over_sqrt(op, pair.eigenvalue),
             eigenvector=pair.eigenvector.detach(),
-            prediction=op.log_probs.argmax(1),
         )

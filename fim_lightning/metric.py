@@ -8,7 +8,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from fim_lightning.functional import METHODS, SpectralMethod, fisher_spectral_norm
+from fim_lightning.functional import SpectralMethod, check_estimator_options, fisher_spectral_norm
 from fim_lightning.operator import OUTPUT_KINDS, OutputKind
 
 Reduction = Union[str, float]
@@ -73,8 +73,7 @@ class FisherSpectralNorm(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+        check_estimator_options(method, estimator_options or {})
         if output not in OUTPUT_KINDS:
             raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
         check_reduction(reduction)

@@ -81,10 +81,6 @@ class FisherPenalty(nn.Module):
     def _operator(self, model: Callable, inputs: Tensor) -> FisherOperator:
         return FisherOperator(model, inputs, output=self.output, differentiable=True)
 
-    def _rademacher(self, like: Tensor) -> Tensor:
-        bits = torch.randint(0, 2, like.shape, generator=self.generator)
-        return (2 * bits - 1).to(like.device, like.dtype)
-
 
 def _quadratic_form(op: FisherOperator, tangent: Tensor) -> Tensor:
     """v^T F v = |W J v|^2 per sample, differentiable."""
@@ -104,7 +100,7 @@ class FisherTracePenalty(FisherPenalty):
 
     def per_sample(self, model, inputs, logits):
         op = self._operator(model, inputs)
-        return sum(_quadratic_form(op, self._rademacher(inputs)) for _ in range(self.num_probes)) / self.num_probes
+        return sum(_quadratic_form(op, algorithms.rademacher(inputs.shape, inputs, self.generator)) for _ in range(self.num_probes)) / self.num_probes
 
 
 class FisherSpectralPenalty(FisherPenalty):
@@ -140,8 +136,7 @@ class FisherKLPenalty(FisherPenalty):
         self.step_size = step_size
 
     def per_sample(self, model, inputs, logits):
-        direction = torch.randn(inputs.shape, generator=self.generator).to(inputs.device, inputs.dtype)
-        direction = direction / direction.flatten(1).norm(dim=1).view(-1, *([1] * (inputs.ndim - 1)))
+        direction = algorithms.random_unit(inputs, self.generator)
         if logits is None:
             log_p = self._operator(model, inputs).log_probs
         else:
