@@ -2,6 +2,7 @@
 import csv
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -149,12 +150,12 @@ def test_explicit_dataset_and_model_attribute(tmp_path):
     assert callback.history[-1]["fim/spectral_norm/max"] == pytest.approx(spectral.max().item(), rel=1e-5)
 
 
-def read_wandb_history(path):
-    """History rows of an offline .wandb file: LevelDB-log framing (7-byte file header, 32 KiB blocks,
-    chunks with a 7-byte header crc/length/type) around protobuf `Record`s."""
+def _wandb_records(path):
+    """Protobuf `Record`s of an offline .wandb file: LevelDB-log framing (7-byte file header, 32 KiB blocks,
+    chunks with a 7-byte header crc/length/type)."""
     from wandb.proto import wandb_internal_pb2
 
-    raw, pos, chunks, rows = path.read_bytes(), 7, b"", []
+    raw, pos, chunks, records = path.read_bytes(), 7, b"", []
     while pos + 7 <= len(raw):
         if 32768 - pos % 32768 < 7:
             pos += 32768 - pos % 32768
@@ -164,23 +165,32 @@ def read_wandb_history(path):
         if kind in (1, 4):  # a full record, or the last chunk of one
             record = wandb_internal_pb2.Record()
             record.ParseFromString(chunks)
+            records.append(record)
             chunks = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-    return rows
+    return records
+
+
+def read_wandb_history(path, timeout=60.0):
+    """History rows of a finished offline run. W&B's service writes the file asynchronously, also after
+    `finish()` returns, so this waits for the run's final `exit` record before reading the rows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records(path)
+        if any(record.WhichOneof("record_type") == "exit" for record in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            for record in records if record.WhichOneof("record_type") == "history"]
 
 
 def test_wandb_offline_run_records_the_fim_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    import wandb
-
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fim-test")
     callback = fl.FisherRobustnessCallback(num_samples=8)
     _fit(tmp_path, [callback], max_epochs=2, logger=logger)
     run_dir = Path(logger.experiment.dir).parent
-    wandb.finish()
+    logger.experiment.finish()  # the logger's own run: flushes its .wandb file
     rows = read_wandb_history(next(run_dir.glob("*.wandb")))
     scalars = [row for row in rows if "fim/spectral_norm/mean" in row]
     assert [row["trainer/global_step"] for row in scalars] == [record["step"] for record in callback.history]
@@ -230,7 +240,6 @@ trainer:
 def test_wandb_gets_eigenvector_images_for_image_inputs(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    import wandb
     from torch.utils.data import DataLoader, TensorDataset
 
     from fim_lightning.models import SmallCNN
@@ -245,7 +254,9 @@ def test_wandb_gets_eigenvector_images_for_image_inputs(tmp_path, monkeypatch):
     run.fit(ImageClassifier(SmallCNN(1, 4, widths=(4, 8)), 4), DataLoader(TensorDataset(images, labels), batch_size=16),
             DataLoader(TensorDataset(images[:32], labels[:32]), batch_size=16))
     run_dir = Path(logger.experiment.dir).parent
-    wandb.finish()
-    media = [row for row in read_wandb_history(next(run_dir.glob("*.wandb"))) if "fim/eigenvectors/count" in row]
+    logger.experiment.finish()  # the logger's own run: flushes its .wandb file
+    rows = read_wandb_history(next(run_dir.glob("*.wandb")))
+    print("DEBUG", len(rows), next(run_dir.glob("*.wandb")).stat().st_size, [sorted(r)[:3] for r in rows][-3:])
+    media = [row for row in rows if "fim/eigenvectors/count" in row]
     assert len(media) == 1 and media[0]["fim/eigenvectors/count"] == 3
     assert list((run_dir / "files" / "media" / "images").rglob("eigenvectors_*.png"))  # W&B tiles the 3 into one file
