@@ -4,12 +4,16 @@ Trains the recipes' SmallCNN on the offline CIFAR-10 subset for a few epochs, th
 compares `blackbox_fisher` (probabilities only) at several budgets with the white-box exact lambda_max, and
 reports the statistic of the paper's public code (franz-chang/SRP): the maximum over 200 random unit
 directions of the one-sided finite-difference form 2 KL(p(x) || p(x + h u)) / h^2 (201 queries).
+Beside the errors: the chi-square floor of any estimator from K random probes, 0.674 sqrt(2 (d - K) / (K (d - 1))),
+and how much of the top eigenvector's energy lies in subspaces an adaptive scheme could aim at (low spatial
+frequencies, colour-shared directions, the top eigenvectors of other images).
 
     python bench/blackbox.py [--images 100] [--epochs 3]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from functools import partial
 from pathlib import Path
@@ -40,6 +44,33 @@ def srp_statistic(predict, x: torch.Tensor, directions: int = 200, h: float = 1e
     return (2 * kl / h**2).max(0).values.double()
 
 
+def dct_matrix(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II matrix (n, n)."""
+    k = torch.arange(n, dtype=torch.float64)
+    basis = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n)) * math.sqrt(2 / n)
+    basis[0] /= math.sqrt(2)
+    return basis
+
+
+def energy_fractions(vectors: torch.Tensor) -> dict[str, float]:
+    """Median share of |v|^2 of unit eigenvectors (N, C, H, W) in subspaces known before any query."""
+    v = vectors.double()
+    total = v.pow(2).sum((1, 2, 3))
+    height, width = v.shape[-2:]
+    coefficients = torch.einsum("ki,ncij,lj->nckl", dct_matrix(height), v, dct_matrix(width))
+    low = coefficients[..., : height // 2, : width // 2].pow(2).sum((1, 2, 3))
+    shared = v.mean(1, keepdim=True).pow(2).sum((1, 2, 3)) * v.shape[1]
+    half = len(v) // 2
+    basis = torch.linalg.svd(v[:half].flatten(1), full_matrices=False).Vh[:half]
+    others = (v[half:].flatten(1) @ basis.T).pow(2).sum(1)
+    d = v[0].numel()
+    return {
+        f"lowest quarter of spatial frequencies ({d // 4} dims)": (low / total).median().item(),
+        f"colour-shared directions ({d // v.shape[1]} dims)": (shared / total).median().item(),
+        f"top eigenvectors of {half} other images ({half} dims)": (others / total[half:]).median().item(),
+    }
+
+
 def main() -> None:
     quiet_lightning()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -53,29 +84,38 @@ def main() -> None:
                enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=data)
     net = module.net.eval()
     x = data.splits["test"].tensors[0][: args.images]
-    exact = fl.fisher_spectral_norm(net, x)
+    pair = fl.fisher_top_eigenpair(net, x)
+    exact = pair.eigenvalue
     trace = fl.fisher_trace(net, x)
     predict = lambda inputs: net(inputs).softmax(-1)  # noqa: E731
     print(f"machine: {machine()}")
     print(f"SmallCNN trained {args.epochs} epochs on the CIFAR-10 subset; {len(x)} test images; "
           f"median exact lambda_max {exact.median():.4g}, median tr F {trace.median():.4g}\n")
-    print("| estimator | queries / sample | median rel. error of lambda_max | 90th pct rel. error |")
-    print("|---|---:|---:|---:|")
-    medians = []
+    print("| estimator | queries / sample | median rel. error of lambda_max | 90th pct rel. error | chi-square floor |")
+    print("|---|---:|---:|---:|---:|")
+    medians, floors, d = [], [], x[0].numel()
     for budget in BUDGETS:
         estimate = fl.blackbox_fisher(predict, x, budget, max_batch=4096)
         error = (estimate.spectral_norm - exact).abs() / exact
+        probes = (int(estimate.queries.max()) - 1) // 2
+        floors.append(0.674 * math.sqrt(2 * (d - probes) / (probes * (d - 1))))
         medians.append(error.median().item())
-        print(f"| Gram sketch (this package) | {int(estimate.queries.max())} | {error.median():.3f} | {error.quantile(0.9):.3f} |")
+        print(f"| Gram sketch, orthonormal probes (this package) | {int(estimate.queries.max())} | {error.median():.3f} "
+              f"| {error.quantile(0.9):.3f} | {floors[-1]:.3f} |")
     srp = srp_statistic(predict, x)
     ratio = srp / exact
     print(f"| SRP statistic (max over 200 directions) | 201 | {(ratio - 1).abs().median():.3f} | "
-          f"{(ratio - 1).abs().quantile(0.9):.3f} |")
+          f"{(ratio - 1).abs().quantile(0.9):.3f} | |")
     print(f"\nSRP statistic / lambda_max: median {ratio.median():.4f}; SRP / (tr F / d): median "
           f"{(srp / (trace / x[0].numel())).median():.2f}")
+    print("\nShare of the top eigenvector's energy in subspaces fixed before querying (median over images; "
+          "a random subspace of k dims holds k / d):")
+    for name, share in energy_fractions(pair.eigenvector).items():
+        print(f"- {name}: {share:.3f}")
     figure = new_figure()
     ax = figure.add_subplot()
-    ax.loglog(BUDGETS, medians, marker="o", label="Gram sketch")
+    ax.loglog(BUDGETS, medians, marker="o", label="Gram sketch, orthonormal probes")
+    ax.loglog(BUDGETS, floors, linestyle="--", label="chi-square floor 0.674 sqrt(2 (d - K) / (K (d - 1)))")
     ax.set_xlabel("queries per sample")
     ax.set_ylabel("median relative error of lambda_max")
     ax.legend()

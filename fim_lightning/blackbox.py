@@ -1,7 +1,10 @@
 """Black-box Fisher estimation: probabilities (or logits, log-probabilities) from queries alone, no autograd.
 
 With s = log p and unit probes u_k, central differences give J u_k ~ (s(x + h u_k) - s(x - h u_k)) / 2h in
-two queries; y_k = sqrt(d) J u_k has E[y y^T] = J J^T (E[u u^T] = I / d). The Gram sketch
+two queries; y_k = sqrt(d) J u_k has E[y y^T] = J J^T (E[u u^T] = I / d). The probes come in orthonormal
+frames of at most d vectors (Haar, QR of a Gaussian matrix): a frame of K < d probes cuts the variance of each
+quadratic form by the factor (d - K) / (d - 1) against independent probes, and K = d probes form a complete
+basis, which makes the sketch exact up to the finite-difference error (so no more than d probes are spent). The Gram sketch
 G = W (1/K sum_k y_k y_k^T) W^T, with the cancellation-free factor W of M = diag(p) - p p^T
 (`algorithms.dual_weights`), estimates the dual whose top eigenvalue is lambda_max(F), and tr F = E|W y|^2.
 
@@ -10,6 +13,11 @@ per-coordinate step that large (|h u| 55x bigger) biased lambda_max by -10%, thi
 (`bench/blackbox.py`). Probes are not clipped: a predictor that clips its inputs to a valid range would see a different
 direction than the one differenced, so the estimate assumes the model is defined slightly outside the data
 range (every neural network is); pass inputs away from hard bounds or accept the bias.
+
+Limit: below K ~ d the error is that of a chi-square with K degrees of freedom, median |error| about
+0.67 sqrt(2 (d - K) / (K d)) of lambda_max, unless the input gradients concentrate in a subspace known in advance.
+On a CIFAR CNN they do not (`bench/blackbox.py` measures the energy of the top eigenvector in low spatial
+frequencies and in directions shared across images), so an adaptive second stage gains nothing there.
 """
 from __future__ import annotations
 
@@ -32,9 +40,10 @@ class BlackBoxEstimate:
 
     Attributes:
         spectral_norm: (B,) lambda_max(F) from the Gram sketch.
-        trace: (B,) tr F and `trace_stderr`, its standard error over probes.
+        trace: (B,) tr F and `trace_stderr`, its standard error over probes (0 once the probes are a complete
+            basis: only the finite-difference error is left).
         lower, upper: (B,) the bracket tr F / (C - 1) <= lambda_max <= tr F from the trace estimate.
-        queries: (B,) model evaluations spent on each sample (never above the budget).
+        queries: (B,) model evaluations spent on each sample (never above the budget, at most 1 + 2 d).
         calls: number of calls of `predict`.
     """
 
@@ -80,23 +89,22 @@ def blackbox_fisher(
         predict: maps a float batch (N, ...) to (N, C) probabilities / logits / log-probabilities (`output`);
             called under `torch.no_grad()` only.
         inputs: the batch (B, ...).
-        num_queries: budget per sample: one query at x and two per probe, so (num_queries - 1) // 2 probes.
+        num_queries: budget per sample: one query at x and two per probe, so min((num_queries - 1) // 2, d) probes.
         step: the length |h u| of the finite-difference displacement; default eps^(1/3) * max(1, rms(x)).
         generator: for the probes (default: a fresh one seeded with 0; the global RNG is never used).
         max_batch: the most points per call of `predict` (all probes of all samples go in as few calls as that allows).
     """
     check_output_kind(output)
     check_inputs(inputs)
-    probes = (num_queries - 1) // 2
-    if probes < 1:
+    if num_queries < 3:
         raise ValueError(f"num_queries must be >= 3 (one query at x, two per probe), got {num_queries}")
     x = inputs.detach()
     batch, dim = x.shape[0], x[0].numel()
+    probes = min((num_queries - 1) // 2, dim)
     counter = _CountingPredictor(predict, output, max_batch)
     log_p = counter.log_probs(x)
     generator = default_generator(torch.device("cpu"), generator)
-    u = torch.randn((probes, *x.shape), generator=generator).to(x.device, x.dtype)
-    u = u / u.flatten(2).norm(dim=2).view(probes, batch, *([1] * (x.ndim - 1)))
+    u = orthonormal_probes(probes, batch, dim, generator).to(x.device, x.dtype).view(probes, *x.shape)
     rms = x.flatten(1).pow(2).mean(1).sqrt().clamp_min(1.0)
     h = step * torch.ones_like(rms) if step is not None else torch.finfo(x.dtype).eps ** (1 / 3) * rms
     shift = h.view(1, batch, *([1] * (x.ndim - 1))) * u
@@ -109,7 +117,12 @@ def blackbox_fisher(
     spectral = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0)
     samples = images.square().sum(-1)
     trace = samples.mean(0)
-    stderr = samples.std(0) / math.sqrt(probes) if probes > 1 else torch.full_like(trace, math.inf)
+    if probes == dim:
+        stderr = torch.zeros_like(trace)
+    elif probes > 1:
+        stderr = samples.std(0) * math.sqrt((dim - probes) / (dim - 1) / probes)
+    else:
+        stderr = torch.full_like(trace, math.inf)
     classes = log_p.shape[1]
     return BlackBoxEstimate(
         spectral_norm=spectral,
@@ -120,6 +133,14 @@ def blackbox_fisher(
         queries=torch.full((batch,), 1 + 2 * probes, dtype=torch.long),
         calls=counter.calls,
     )
+
+
+def orthonormal_probes(count: int, batch: int, dim: int, generator: torch.Generator) -> Tensor:
+    """(count, batch, dim) unit probes, count <= dim: per sample a Haar-random orthonormal frame
+    (QR of a Gaussian matrix with the signs of R's diagonal fixed)."""
+    gaussian = torch.randn((batch, dim, count), generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return (q * torch.sign(torch.diagonal(r, dim1=1, dim2=2)).unsqueeze(1)).permute(2, 0, 1)
 
 
 def blackbox_fisher_spectral_norm(predict: Callable, inputs: Tensor, num_queries: int = 128, **options) -> Tensor:
