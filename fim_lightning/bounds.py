@@ -1,23 +1,37 @@
-"""Closed-form upper bounds on lambda_max(F(x)) from layer Lipschitz constants (sequential networks).
+"""Closed-form upper bounds on lambda_max(F(x)) from the network's weights, walked layer by layer.
 
-lambda_max(F) = lambda_max(J^T M J) <= lambda_max(M) |J|^2 <= lambda_max(M) L^2, with L the product of the
-layers' Lipschitz constants (L2 operator norms) and lambda_max(M) <= min(max_i 2 p_i (1 - p_i), p_max) <= 1/2
-(Gershgorin; M <= diag(p)). Without inputs the bound is L^2 / 2.
+lambda_max(F) = lambda_max(J^T M J) <= lambda_max(M) |J(x)|^2, and lambda_max(M) <= min(max_i 2 p_i (1 - p_i),
+p_max) <= 1/2 (Gershgorin; M <= diag(p)). |J(x)| <= the product of the factors below, each a bound on the
+Jacobian norm of one stage at the activation it sees. Without inputs every factor is a global Lipschitz
+constant L and the bound is L^2 / 2.
 
-Per layer: Linear, Conv2d, AvgPool and AdaptiveAvgPool are linear maps, whose operator norm on the given
-input shape (padding and stride included) comes from power iteration on their Gram operator with autograd,
-run to convergence and inflated by its tolerance; eval-mode BatchNorm: max |gamma| / sqrt(var + eps);
-ReLU / Tanh / Identity / Flatten / eval-mode Dropout: 1; Sigmoid: 1/4; GELU: 1.13; SiLU: 1.1; LeakyReLU:
-max(1, slope); MaxPool: sqrt of the most windows any input is in; the package's `Normalize`: 1 / min std.
-Any other module raises: the bound never guesses. Residual, dense and attention blocks are not handled yet.
+Factors (L2 operator norms):
+- Linear, Conv, AvgPool, AdaptiveAvgPool: linear maps; the largest singular value on the given input shape
+  (padding and stride included), by power iteration on A^T A run to convergence, inflated by its tolerance.
+- eval BatchNorm: max |gamma| / sqrt(var + eps). ReLU, Tanh, Identity, Flatten, eval Dropout: 1; Sigmoid 1/4;
+  GELU 1.13; SiLU 1.1; LeakyReLU max(1, |slope|); MaxPool: sqrt of the most windows an input is in; the
+  package's Normalize: 1 / min std; timm LayerScale: max |gamma|.
+- Residual y = f(x) + s(x): L_f + L_s (ResNet BasicBlock / Bottleneck, transformer blocks).
+- Dense concatenation y = (x, f(x)): sqrt(1 + L_f^2) (DenseNet blocks).
+- LayerNorm: per token the Jacobian is gamma / sigma_t times a projection, so max |gamma| / min_t sqrt(var_t +
+  eps) at the data; globally max |gamma| / sqrt(eps) (valid, loose).
+- Dot-product attention is not globally Lipschitz: bounded only at given inputs. Per head, with P the
+  attention matrix, M_i = diag(P_i) - P_i P_i^T, Q, K, V the projections and s the scale:
+  |W_O^h| (|P| |W_V^h| + max_i |M_i V|_F s (|W_Q^h| |K| + |Q| |W_K^h|)), summed over heads (first order at x).
+- Class token and position embedding (constants added or inserted), token selection: 1; token mean: 1 / sqrt(n).
+
+Known containers: nn.Sequential and torchvision's MLP, torchvision VGG, ResNet (BasicBlock, Bottleneck),
+DenseNet, VisionTransformer, timm's VisionTransformer (Block, Attention, Mlp). Any other module raises a
+TypeError that names it, and the walk's output is checked against the model's own forward.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from fim_lightning.guard import preserved_state
@@ -34,19 +48,33 @@ class SpectralBound:
     """An upper bound on lambda_max(F) and where it comes from.
 
     Attributes:
-        value: (B,) with inputs (uses p(x)), else a 0-dim tensor (L^2 / 2).
-        lipschitz: L, the product of the layer constants.
-        layers: (name, constant) per layer, in order: which layers dominate the bound.
+        value: (B,) with inputs (uses p(x) and the activations), else a 0-dim tensor (L^2 / 2).
+        lipschitz: the bound on |J(x)| (B,), or the global Lipschitz constant L (0-dim).
+        layers: (name, factor) per stage in order, factors shaped like `lipschitz`; their product is `lipschitz`.
     """
 
     value: Tensor
-    lipschitz: float
-    layers: list[tuple[str, float]]
+    lipschitz: Tensor
+    layers: list[tuple[str, Tensor]]
+
+    def figure(self) -> Figure:
+        """Bar chart of log10 of each stage's factor (median over samples): which stages dominate."""
+        from fim_lightning.figures import new_figure
+
+        names = [name for name, _ in self.layers]
+        logs = [factor.double().median().log10().item() for _, factor in self.layers]
+        figure = new_figure(width=max(5.0, 0.25 * len(names)), height=3.5)
+        ax = figure.add_subplot()
+        ax.bar(range(len(names)), logs)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize="x-small")
+        ax.set_ylabel("log10 factor")
+        ax.set_title(f"bound on |J|: 10^{sum(logs):.2f}")
+        return figure
 
 
 def linear_operator_norm(layer: nn.Module, input_shape: tuple[int, ...], max_iter: int = 2000) -> float:
     """Largest singular value of a linear layer (bias dropped) as a map on inputs of `input_shape`,
-    by power iteration on A^T A; the result is inflated by the stopping tolerance to stay an upper bound."""
+    by power iteration on A^T A; the result is inflated by the stopping tolerance."""
     dtype = torch.float64
     x = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0), dtype=dtype)
 
@@ -62,7 +90,7 @@ def linear_operator_norm(layer: nn.Module, input_shape: tuple[int, ...], max_ite
     return math.sqrt(max(value, 0.0)) * (1 + 10 * _POWER_TOL)
 
 
-def _power_iteration(apply, x: Tensor, max_iter: int) -> float:
+def _power_iteration(apply: Callable[[Tensor], Tensor], x: Tensor, max_iter: int) -> float:
     """Top eigenvalue of A^T A for the linear map `apply`, the adjoint by autograd."""
     value = 0.0
     for _ in range(max_iter):
@@ -79,12 +107,12 @@ def _power_iteration(apply, x: Tensor, max_iter: int) -> float:
 
 
 def layer_lipschitz(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """The L2 Lipschitz constant of one layer on inputs of `input_shape` (see the module docstring)."""
+    """The L2 Lipschitz constant of one leaf layer on inputs of `input_shape` (see the module docstring)."""
     if isinstance(layer, _LINEAR_MAPS):
         return linear_operator_norm(layer, input_shape)
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        if layer.training or layer.running_var is None:
-            raise ValueError(f"{layer} must be in eval mode with running statistics for a bound")
+        if layer.running_var is None:
+            raise ValueError(f"{layer} has no running statistics: a bound needs eval-mode BatchNorm")
         scale = (layer.running_var + layer.eps).rsqrt()
         if layer.weight is not None:
             scale = scale * layer.weight.detach()
@@ -99,46 +127,222 @@ def layer_lipschitz(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
         return math.sqrt(overlap ** (2 if isinstance(layer, nn.MaxPool2d) else 1))
     if isinstance(layer, Normalize):
         return 1.0 / layer.std.min().item()
+    if type(layer).__name__ == "LayerScale":  # timm
+        return layer.gamma.detach().abs().max().item()
+    if type(layer).__name__ == "DropPath":  # timm, identity in eval mode
+        return 1.0
     for kind, constant in _ACTIVATION_CONSTANTS.items():
         if type(layer) is kind:
             return constant
-    raise TypeError(f"no Lipschitz bound is known for {type(layer).__name__}; supported: sequential stacks of "
-                    "Linear, Conv, BatchNorm (eval), pooling, Normalize and the common activations")
+    raise TypeError(f"no Lipschitz bound is known for {type(layer).__name__}; supported: Linear, Conv, "
+                    "BatchNorm (eval), LayerNorm, pooling, Normalize, the common activations, and the "
+                    "containers listed in fim_lightning.bounds")
 
 
-def lipschitz_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, float]]:
-    """(name, constant) for each leaf of a sequential `model`, with shapes propagated from `input_shape`."""
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"fisher_spectral_bound walks nn.Sequential models; got {type(model).__name__}")
-    layers, shape = [], tuple(input_shape)
-    with preserved_state(model, mode="eval"), torch.no_grad():
-        parameter = next(model.parameters(), None)
-        probe = torch.zeros((1, *shape), dtype=parameter.dtype if parameter is not None else torch.float32)
-        for name, layer in model.named_children():
-            if isinstance(layer, nn.Sequential):
-                layers += [(f"{name}.{inner}", value) for inner, value in lipschitz_layers(layer, shape)]
-            else:
-                layers.append((name, layer_lipschitz(layer, shape)))
-            probe = layer(probe)
-            shape = tuple(probe.shape[1:])
-    return layers
+def _layer_norm_factor(layer: nn.LayerNorm, x: Tensor, local: bool) -> Tensor:
+    """max |gamma| / min over tokens sqrt(var + eps) at the data (local), or max |gamma| / sqrt(eps)."""
+    gamma = layer.weight.detach().abs().max().item() if layer.weight is not None else 1.0
+    if not local:
+        return torch.full((len(x),), gamma / math.sqrt(layer.eps), dtype=torch.float64)
+    dims = tuple(range(-len(layer.normalized_shape), 0))
+    variance = x.double().var(dim=dims, unbiased=False)
+    return gamma * (variance + layer.eps).rsqrt().reshape(len(x), -1).max(1).values
+
+
+def _attention(x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Optional[Tensor], ...], out_weight: Tensor,
+               out_bias: Optional[Tensor], heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Multi-head self-attention of x (B, n, D) and the bound on its Jacobian norm at x (module docstring)."""
+    batch, tokens, width = x.shape
+    head_dim = width // heads
+    xd = x.double()
+
+    def project(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        out = xd @ weight.double().T + (bias.double() if bias is not None else 0.0)
+        return out.view(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, h, n, dh)
+
+    q, k, v = (project(w, b) for w, b in zip(weights, biases))
+    p = (scale * q @ k.transpose(-1, -2)).softmax(-1)  # (B, h, n, n)
+    mean_v = p @ v  # (B, h, n, dh): row i is sum_j P_ij v_j
+    centred = v.unsqueeze(2) - mean_v.unsqueeze(3)  # (B, h, n_i, n_j, dh)
+    mv = (p.square().unsqueeze(-1) * centred.square()).sum((-1, -2)).sqrt().max(-1).values  # max_i |M_i V|_F
+    per_head = lambda w: torch.linalg.matrix_norm(w.double().view(heads, head_dim, width), 2)  # noqa: E731
+    wq, wk, wv = (per_head(w) for w in weights)
+    wo = torch.linalg.matrix_norm(out_weight.double().view(width, heads, head_dim).transpose(0, 1), 2)
+    norm2 = lambda a: torch.linalg.matrix_norm(a, 2)  # noqa: E731
+    factor = wo * (norm2(p) * wv + mv * scale * (wq * norm2(k) + norm2(q) * wk))
+    out = mean_v.transpose(1, 2).reshape(batch, tokens, width) @ out_weight.double().T
+    if out_bias is not None:
+        out = out + out_bias.double()
+    return out.to(x.dtype), factor.sum(1)
+
+
+class _Walk:
+    """Runs a model stage by stage, returning its output and the per-stage factors (B,) of the bound."""
+
+    def __init__(self, local: bool) -> None:
+        self.local = local
+
+    def chain(self, stages: list[tuple[str, nn.Module]], x: Tensor, prefix: str = "") -> tuple[Tensor, list]:
+        factors = []
+        for name, module in stages:
+            x, inner = self.stage(f"{prefix}{name}", module, x)
+            factors += [(label, factor.cpu()) for label, factor in inner]
+        return x, factors
+
+    def product(self, stages: list[tuple[str, nn.Module]], x: Tensor, prefix: str = "") -> tuple[Tensor, Tensor]:
+        x, factors = self.chain(stages, x, prefix)
+        return x, math.prod((f for _, f in factors), start=torch.ones(len(x), dtype=torch.float64))
+
+    def residual(self, name: str, branch: list, x: Tensor, shortcut: Optional[nn.Module] = None):
+        """y = f(x) + s(x) and L_f + L_s (s the identity when `shortcut` is None)."""
+        out, lf = self.product(branch, x, f"{name}.")
+        short, ls = self.product([("downsample", shortcut)], x, f"{name}.") if shortcut is not None else (x, 1.0)
+        return out + short, lf + ls
+
+    def stage(self, name: str, module: nn.Module, x: Tensor) -> tuple[Tensor, list[tuple[str, Tensor]]]:
+        kind = type(module).__name__
+        children = list(module.named_children())
+        named = dict(children)
+        if isinstance(module, nn.Sequential) or kind in ("Mlp", "MLP"):
+            return self.chain(children, x, f"{name}." if name else "")
+        if kind == "ResNet":
+            order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
+            stages = [(n, named[n]) for n in order] + [("flatten", nn.Flatten()), ("fc", module.fc)]
+            return self.chain(stages, x, f"{name}." if name else "")
+        if kind in ("BasicBlock", "Bottleneck"):
+            depth = 2 if kind == "BasicBlock" else 3
+            branch = [(n, named[n]) for i in range(1, depth + 1) for n in (f"conv{i}", f"bn{i}", "relu")][:-1]
+            y, factor = self.residual(name, branch, x, module.downsample)
+            return torch.relu(y), [(name, factor)]
+        if kind == "VGG":
+            stages = [("features", module.features), ("avgpool", module.avgpool), ("flatten", nn.Flatten()),
+                      ("classifier", module.classifier)]
+            return self.chain(stages, x, f"{name}." if name else "")
+        if kind == "DenseNet":
+            stages = [("features", module.features), ("relu", nn.ReLU()), ("pool", nn.AdaptiveAvgPool2d(1)),
+                      ("flatten", nn.Flatten()), ("classifier", module.classifier)]
+            return self.chain(stages, x, f"{name}." if name else "")
+        if kind == "_DenseBlock":
+            factor = torch.ones(len(x), dtype=torch.float64)
+            for _, layer in children:
+                order = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
+                new, lf = self.product([(n, getattr(layer, n)) for n in order], x, f"{name}.")
+                x, factor = torch.cat([x, new], 1), factor * (1 + lf.square()).sqrt()
+            return x, [(name, factor)]
+        if kind == "_Transition":
+            return self.chain(children, x, f"{name}.")
+        if kind == "VisionTransformer" and hasattr(module, "conv_proj"):
+            return self.torchvision_vit(name, module, x)
+        if kind == "VisionTransformer" and hasattr(module, "patch_embed"):
+            return self.timm_vit(name, module, x)
+        if kind == "EncoderBlock":  # torchvision ViT
+            y, f1 = self.residual(name, [("ln_1", module.ln_1), ("self_attention", module.self_attention)], x)
+            z, f2 = self.residual(name, [("ln_2", module.ln_2), ("mlp", module.mlp)], y)
+            return z, [(f"{name}.attention", f1), (f"{name}.mlp", f2)]
+        if kind == "Block" and hasattr(module, "ls1"):  # timm ViT
+            first = [("norm1", module.norm1), ("attn", module.attn), ("ls1", module.ls1), ("drop", module.drop_path1)]
+            y, f1 = self.residual(name, first, x)
+            second = [("norm2", module.norm2), ("mlp", module.mlp), ("ls2", module.ls2), ("drop", module.drop_path2)]
+            z, f2 = self.residual(name, second, y)
+            return z, [(f"{name}.attention", f1), (f"{name}.mlp", f2)]
+        if isinstance(module, nn.MultiheadAttention):
+            return self.attention(name, x, module.in_proj_weight.chunk(3), module.in_proj_bias.chunk(3)
+                                  if module.in_proj_bias is not None else (None,) * 3, module.out_proj,
+                                  module.num_heads, module.head_dim ** -0.5, module.batch_first)
+        if kind == "Attention" and hasattr(module, "qkv"):  # timm
+            for part in ("q_norm", "k_norm", "norm"):
+                if not isinstance(getattr(module, part, nn.Identity()), nn.Identity):
+                    raise TypeError(f"no bound is known for timm Attention with {part} ({name})")
+            if getattr(module, "gate", None) is not None:
+                raise TypeError(f"no bound is known for gated timm Attention ({name})")
+            biases = module.qkv.bias.chunk(3) if module.qkv.bias is not None else (None,) * 3
+            return self.attention(name, x, module.qkv.weight.chunk(3), biases, module.proj, module.num_heads,
+                                  module.scale, True)
+        if isinstance(module, nn.LayerNorm):
+            return module(x), [(name, _layer_norm_factor(module, x, self.local))]
+        if children and not isinstance(module, (Normalize, nn.MultiheadAttention)):
+            raise TypeError(f"no bound is known for {kind} ({name or 'the model'}); supported containers: "
+                            "nn.Sequential, torchvision VGG/ResNet/DenseNet/VisionTransformer, timm VisionTransformer")
+        factor = layer_lipschitz(module, tuple(x.shape[1:]))
+        return module(x), [(name, torch.full((len(x),), factor, dtype=torch.float64))]
+
+    def attention(self, name, x, weights, biases, out_proj, heads, scale, batch_first):
+        if not self.local:
+            raise ValueError(f"{name}: dot-product attention is not globally Lipschitz; pass inputs for a "
+                             "bound at the data")
+        if not batch_first:
+            raise TypeError(f"{name}: only batch_first attention is supported")
+        y, factor = _attention(x, tuple(w.detach() for w in weights),
+                               tuple(b.detach() if b is not None else None for b in biases),
+                               out_proj.weight.detach(), out_proj.bias, heads, scale)
+        return y, [(name, factor)]
+
+    def torchvision_vit(self, name: str, module: nn.Module, x: Tensor):
+        prefix = f"{name}." if name else ""
+        y, factors = self.chain([("conv_proj", module.conv_proj)], x, prefix)
+        y = y.flatten(2).transpose(1, 2)
+        y = torch.cat([module.class_token.expand(len(y), -1, -1), y], 1) + module.encoder.pos_embedding
+        y, inner = self.chain([("dropout", module.encoder.dropout), ("layers", module.encoder.layers),
+                               ("ln", module.encoder.ln)], y, f"{prefix}encoder.")
+        y, head = self.chain([("heads", module.heads)], y[:, 0], prefix)
+        return y, factors + inner + head
+
+    def timm_vit(self, name: str, module: nn.Module, x: Tensor):
+        prefix = f"{name}." if name else ""
+        embed = module.patch_embed
+        if not getattr(embed, "flatten", True) or getattr(module, "dynamic_img_size", False):
+            raise TypeError(f"no bound is known for this timm VisionTransformer layout ({name or 'the model'})")
+        y, factors = self.chain([("patch_embed.proj", embed.proj)], x, prefix)
+        y, inner = self.chain([("patch_embed.norm", embed.norm)], y.flatten(2).transpose(1, 2), prefix)
+        y = module._pos_embed(y)
+        stages = [("patch_drop", module.patch_drop), ("norm_pre", module.norm_pre), ("blocks", module.blocks),
+                  ("norm", module.norm)]
+        y, body = self.chain(stages, y, prefix)
+        if module.global_pool == "token":
+            y, pool = y[:, 0], torch.ones(len(y), dtype=torch.float64)
+        elif module.global_pool == "avg":
+            rest = y[:, module.num_prefix_tokens:]
+            y, pool = rest.mean(1), torch.full((len(y),), rest.shape[1] ** -0.5, dtype=torch.float64)
+        else:
+            raise TypeError(f"no bound is known for timm global_pool={module.global_pool!r}")
+        y, head = self.chain([("fc_norm", module.fc_norm), ("head_drop", module.head_drop), ("head", module.head)],
+                             y, prefix)
+        return y, factors + inner + body + [(f"{prefix}pool", pool)] + head
+
+
+def lipschitz_layers(model: nn.Module, inputs: Tensor, local: bool) -> tuple[Tensor, list[tuple[str, Tensor]]]:
+    """Walk `model` on `inputs`; (the walk's output, (name, factor (B,)) per stage). Checks the output
+    against the model's forward so an architecture read wrongly can never pass as a bound."""
+    with preserved_state(model, inputs, mode="eval"), torch.no_grad():
+        output, factors = _Walk(local).stage("", model, inputs)
+        expected = model(inputs)
+    if isinstance(expected, Tensor) and output.shape == expected.shape:
+        scale = expected.abs().max().clamp_min(1e-12)
+        if ((output - expected).abs().max() / scale).item() < 1e-4:
+            return output, factors
+    raise TypeError(f"the bound's walk of {type(model).__name__} does not reproduce its forward; a layer "
+                    "computes something the bound does not know")
 
 
 def fisher_spectral_bound(model: nn.Module, inputs: Optional[Tensor] = None,
                           input_shape: Optional[tuple[int, ...]] = None) -> SpectralBound:
-    """An upper bound on lambda_max(F(x)): per sample with `inputs` (lambda_max(M(p)) L^2), else L^2 / 2."""
+    """An upper bound on lambda_max(F(x)): per sample with `inputs` (lambda_max(M(p)) prod_l |J_l(x)|^2),
+    else the global L^2 / 2 (every factor a Lipschitz constant; attention then raises)."""
     if inputs is None and input_shape is None:
         raise ValueError("give inputs (a per-sample bound) or input_shape (a global bound)")
-    shape = tuple(inputs.shape[1:]) if inputs is not None else tuple(input_shape)
-    layers = lipschitz_layers(model, shape)
-    lipschitz = math.prod(value for _, value in layers)
     if inputs is None:
-        return SpectralBound(torch.tensor(0.5 * lipschitz**2, dtype=torch.float64), lipschitz, layers)
-    with preserved_state(model, inputs, mode="eval"), torch.no_grad():
-        log_p = model(inputs).double().log_softmax(-1)
+        parameter = next(model.parameters(), None)
+        dtype = parameter.dtype if parameter is not None else torch.float32
+        _, layers = lipschitz_layers(model, torch.zeros((1, *input_shape), dtype=dtype), local=False)
+        layers = [(name, factor[0]) for name, factor in layers]
+        lipschitz = math.prod((f for _, f in layers), start=torch.tensor(1.0, dtype=torch.float64))
+        return SpectralBound(0.5 * lipschitz**2, lipschitz, layers)
+    logits, layers = lipschitz_layers(model, inputs, local=True)
+    lipschitz = math.prod((f for _, f in layers), start=torch.ones(len(inputs), dtype=torch.float64))
+    log_p = logits.double().log_softmax(-1)
     classes = log_p.shape[1]
     excluded = torch.eye(classes, dtype=torch.bool, device=log_p.device)
     others = log_p[:, None, :].masked_fill(excluded, -math.inf).logsumexp(-1).exp()  # 1 - p_i, no cancellation
     p = log_p.exp()
     metric = torch.minimum((2 * p * others).max(1).values, p.max(1).values).clamp(max=0.5)
-    return SpectralBound(metric * lipschitz**2, lipschitz, layers)
+    return SpectralBound(metric.cpu() * lipschitz.square(), lipschitz, layers)
