@@ -1,13 +1,16 @@
-"""Training-time attacks: PGD (L-inf / L2) inside the loss, for the TRADES and PGD adversarial-training peers.
-
-Evaluation uses a maintained library (IBM's adversarial-robustness-toolbox, see `robust_accuracy`); these
-in-loop attacks exist because training needs them on the model's device, step after step, as tensors.
-Inputs are pixels in [0, 1]; the attack runs in eval mode inside the state guard (BatchNorm buffers,
-modes, `.grad` and the global RNG untouched) with its own generator for the random start.
+"""Attacks: training-time PGD (L-inf / L2) inside the loss, for the TRADES and PGD adversarial-training
+peers, and evaluation through a maintained library, IBM's adversarial-robustness-toolbox (ART):
+`pgd_robust` / `robust_accuracy`, `carlini_wagner_l2`, `minimal_perturbation` (DeepFool and a PGD radius
+bisection) and `clever_scores`, all through `art_classifier`. The in-loop attacks exist because training
+needs them on the model's device, step after step, as tensors. Inputs are pixels in [0, 1]; every attack
+runs in eval mode inside the state guard (BatchNorm buffers, modes, `.grad` and the global RNG untouched);
+the in-loop random start has its own generator.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -77,6 +80,35 @@ class PGD(nn.Module):
         return (x + delta).detach()
 
 
+class CarliniWagnerL2(nn.Module):
+    """Carlini-Wagner L2 (2017) with one constant, for adversarial training: minimise over delta
+    |delta|^2 + const * max(z_y - max_{j != y} z_j, -confidence) by Adam (`learning_rate`, `steps` steps),
+    x + delta clipped to [0, 1]; returns x + delta. Same call as `PGD` (labels only)."""
+
+    def __init__(self, const: float = 1.0, steps: int = 20, learning_rate: float = 0.01, confidence: float = 0.0) -> None:
+        super().__init__()
+        if const <= 0 or steps < 1:
+            raise ValueError(f"const must be > 0 and steps >= 1; got {const}, {steps}")
+        self.const, self.steps, self.learning_rate, self.confidence = const, steps, learning_rate, confidence
+
+    def forward(self, model: Callable, x: Tensor, labels: Optional[Tensor] = None,
+                target_log_probs: Optional[Tensor] = None) -> Tensor:
+        if labels is None or target_log_probs is not None:
+            raise ValueError("CarliniWagnerL2 takes labels only")
+        x = x.detach()
+        with preserved_state(model, x, mode="eval"), torch.enable_grad():
+            delta = torch.zeros_like(x, requires_grad=True)
+            optimizer = torch.optim.Adam([delta], lr=self.learning_rate)
+            for _ in range(self.steps):
+                logits = model((x + delta).clamp(0, 1))
+                true = logits.gather(1, labels[:, None])[:, 0]
+                other = logits.masked_fill(nn.functional.one_hot(labels, logits.shape[1]).bool(), -torch.inf).amax(1)
+                loss = delta.flatten(1).square().sum(1) + self.const * (true - other).clamp_min(-self.confidence)
+                (delta.grad,) = torch.autograd.grad(loss.sum(), delta)
+                optimizer.step()
+        return (x + delta.detach()).clamp(0, 1)
+
+
 class TradesPenalty(nn.Module):
     """TRADES (Zhang et al. 2019): beta * KL(p(x) || p(x_adv)), x_adv from PGD on that KL. Same call as the
     Fisher penalties: `penalty(model, inputs, step=..., logits=...)`."""
@@ -95,24 +127,108 @@ class TradesPenalty(nn.Module):
         return self.beta * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def robust_accuracy(model: nn.Module, images: Tensor, labels: Tensor, *, norm: Norm, eps: float, steps: int = 20,
-                    step_size: Optional[float] = None, batch_size: int = 128, seed: int = 0) -> float:
-    """Accuracy under PGD with one random start, from the adversarial-robustness-toolbox (pixels in [0, 1])."""
-    from art.attacks.evasion import ProjectedGradientDescent
+@contextmanager
+def art_classifier(model: nn.Module, images: Tensor, seed: int = 0) -> Iterator:
+    """An adversarial-robustness-toolbox `PyTorchClassifier` of `model` on pixels in [0, 1], valid inside the
+    block: the model in eval mode inside the state guard, NumPy's global RNG (which ART's random starts and
+    CLEVER draw from) seeded with `seed` and restored after."""
     from art.estimators.classification import PyTorchClassifier
 
     with preserved_state(model, images, mode="eval"):
+        classes = int(model(images[:1]).shape[1])
         classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(images.shape[1:]),
-                                       nb_classes=int(model(images[:1]).shape[1]), clip_values=(0.0, 1.0),
+                                       nb_classes=classes, clip_values=(0.0, 1.0),
                                        device_type="gpu" if images.is_cuda else "cpu")
-        attack = ProjectedGradientDescent(classifier, norm=np.inf if norm == "linf" else 2, eps=eps,
-                                          eps_step=step_size or eps / 4, max_iter=steps, num_random_init=1,
-                                          batch_size=batch_size, verbose=False)
-        numpy_state = np.random.get_state()  # ART draws its random start from NumPy's global RNG
+        numpy_state = np.random.get_state()
         np.random.seed(seed)
         try:
-            adversarial = attack.generate(x=images.cpu().numpy(), y=labels.cpu().numpy())
+            yield classifier
         finally:
             np.random.set_state(numpy_state)
-        predictions = classifier.predict(adversarial, batch_size=batch_size).argmax(1)
-    return float((predictions == labels.cpu().numpy()).mean())
+
+
+def _norms(perturbation: np.ndarray, norm: Norm) -> np.ndarray:
+    flat = perturbation.reshape(len(perturbation), -1)
+    return np.abs(flat).max(1) if norm == "linf" else np.linalg.norm(flat, axis=1)
+
+
+def _pgd(classifier, norm: Norm, eps, steps: int, step_size, batch_size: int, random_start: bool = True):
+    from art.attacks.evasion import ProjectedGradientDescent
+
+    return ProjectedGradientDescent(classifier, norm=np.inf if norm == "linf" else 2, eps=eps, eps_step=step_size,
+                                    max_iter=steps, num_random_init=int(random_start), batch_size=batch_size,
+                                    verbose=False)
+
+
+def pgd_robust(model: nn.Module, images: Tensor, labels: Tensor, *, norm: Norm, eps: float, steps: int = 20,
+               step_size: Optional[float] = None, batch_size: int = 128, seed: int = 0) -> np.ndarray:
+    """Per sample: still correctly classified after PGD with one random start (ART), (N,) bool."""
+    x, y = images.detach().cpu().numpy(), labels.cpu().numpy()
+    with art_classifier(model, images, seed) as classifier:
+        adversarial = _pgd(classifier, norm, eps, steps, step_size or eps / 4, batch_size).generate(x=x, y=y)
+        return classifier.predict(adversarial, batch_size=batch_size).argmax(1) == y
+
+
+def robust_accuracy(model: nn.Module, images: Tensor, labels: Tensor, *, norm: Norm, eps: float, steps: int = 20,
+                    step_size: Optional[float] = None, batch_size: int = 128, seed: int = 0) -> float:
+    """Accuracy under PGD with one random start, from the adversarial-robustness-toolbox (pixels in [0, 1])."""
+    return float(pgd_robust(model, images, labels, norm=norm, eps=eps, steps=steps, step_size=step_size,
+                            batch_size=batch_size, seed=seed).mean())
+
+
+def carlini_wagner_l2(model: nn.Module, images: Tensor, labels: Tensor, *, const: float = 1.0, steps: int = 20,
+                      learning_rate: float = 0.01, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Carlini-Wagner L2 (ART, one constant `const`, `steps` iterations, as in the SRP protocol): per sample
+    (still correct, L2 norm of the perturbation; inf where the attack failed)."""
+    from art.attacks.evasion import CarliniL2Method
+
+    x, y = images.detach().cpu().numpy(), labels.cpu().numpy()
+    with art_classifier(model, images) as classifier:
+        attack = CarliniL2Method(classifier, initial_const=const, max_iter=steps, binary_search_steps=1,
+                                 learning_rate=learning_rate, batch_size=batch_size, verbose=False)
+        adversarial = attack.generate(x=x, y=np.eye(classifier.nb_classes)[y])
+        prediction = classifier.predict(adversarial, batch_size=batch_size).argmax(1)
+    return prediction == y, np.where(prediction != y, _norms(adversarial - x, "l2"), np.inf)
+
+
+def minimal_perturbation(model: nn.Module, images: Tensor, *, norm: Norm = "l2", search_steps: int = 10,
+                         steps: int = 20, max_eps: Optional[float] = None, deepfool: bool = True,
+                         batch_size: int = 128, seed: int = 0) -> np.ndarray:
+    """The smallest perturbation found that changes each sample's prediction, (N,) in `norm` (pixels in
+    [0, 1]): the minimum over DeepFool (ART, L2 only) and a per-sample bisection of the PGD radius (ART,
+    `steps` steps of eps / 4, no random start, `search_steps` halvings of [0, upper]); `upper` is DeepFool's
+    norm where it succeeded, else `max_eps` (default sqrt(d) for L2, 1 for L-inf). inf where nothing
+    succeeded. The target is the predicted class, so this is the distance to the decision boundary."""
+    from art.attacks.evasion import DeepFool
+
+    x = images.detach().cpu().numpy()
+    dimension = x[0].size
+    max_eps = max_eps if max_eps is not None else (1.0 if norm == "linf" else math.sqrt(dimension))
+    with art_classifier(model, images, seed) as classifier:
+        predicted = classifier.predict(x, batch_size=batch_size).argmax(1)
+        best = np.full(len(x), np.inf)
+        if deepfool and norm == "l2":
+            adversarial = DeepFool(classifier, max_iter=50, epsilon=0.02, batch_size=batch_size,
+                                   verbose=False).generate(x)
+            moved = classifier.predict(adversarial, batch_size=batch_size).argmax(1) != predicted
+            best = np.where(moved, _norms(adversarial - x, norm), best)
+        low, high = np.zeros(len(x)), np.minimum(best, max_eps)
+        for _ in range(search_steps):
+            eps = ((low + high) / 2).reshape(-1, *([1] * (x.ndim - 1))).astype(np.float32)
+            adversarial = _pgd(classifier, norm, eps, steps, eps / 4, batch_size, random_start=False).generate(
+                x=x, y=predicted)
+            moved = classifier.predict(adversarial, batch_size=batch_size).argmax(1) != predicted
+            best = np.where(moved, np.minimum(best, _norms(adversarial - x, norm)), best)
+            high, low = np.where(moved, eps.reshape(-1), high), np.where(moved, low, eps.reshape(-1))
+    return best
+
+
+def clever_scores(model: nn.Module, images: Tensor, *, norm: Norm = "l2", radius: float = 2.0,
+                  batches: int = 10, batch_size: int = 20, seed: int = 0) -> np.ndarray:
+    """CLEVER (Weng et al. 2018, ART's `clever_u`): an estimated lower bound on the minimal perturbation
+    from extreme-value statistics of gradient norms sampled in a `radius` ball, (N,)."""
+    from art.metrics import clever_u
+
+    with art_classifier(model, images, seed) as classifier:
+        return np.array([clever_u(classifier, x, batches, batch_size, radius, np.inf if norm == "linf" else 2,
+                                  verbose=False) for x in images.detach().cpu().numpy()])

@@ -152,12 +152,14 @@ def fisher_robustness_radius(
 
 @dataclass(frozen=True)
 class FisherScores:
-    """Per-sample scores from one operator: lambda_max, tr F, robustness radius, top eigenvector."""
+    """Per-sample scores from one operator: lambda_max, tr F, robustness radius, top eigenvector, and with
+    `top_k` the probability merged into one class (lambda_max and tr F are then of the merged F)."""
 
     spectral_norm: Tensor
     trace: Tensor
     radius: Tensor
     eigenvector: Tensor
+    neglected_mass: Optional[Tensor] = None
 
 
 def fisher_scores(
@@ -181,4 +183,5 @@ def fisher_scores(
             trace=trace,
             radius=_margin_over_sqrt(op, pair.eigenvalue),
             eigenvector=pair.eigenvector.detach(),
+            neglected_mass=pair.neglected_mass,
         )

@@ -1,11 +1,13 @@
-"""fim-train: train with the FisherRobustnessCallback, then print the FIM curve and save its plot.
+"""fim-train: train with the FisherRobustnessCallback, print the FIM curve and save its plot; with an
+`evaluation` config, also score and attack held-out samples into `scores.csv` (see `fim-evaluate`).
 
     fim-train                                   # sklearn digits, small CNN, CPU, under 2 minutes
     fim-train data=cifar10_npz trainer.max_epochs=3 logger=wandb
+    fim-train -m experiment=architectures_cifar10    # a sweep; then `fim-report runs=[multirun]`
 """
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 
 import hydra
@@ -15,12 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fim_lightning import FisherRobustnessCallback
 from fim_lightning.figures import curves_figure, save
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-OmegaConf.register_new_resolver(
-    "wandb_offline", lambda: "WANDB_API_KEY" not in os.environ and os.environ.get("WANDB_MODE") != "online",
-    replace=True,
-)
+from recipes.common import CONFIG_DIR, evaluate_split, save_scores
 
 
 def curve_table(history: list[dict]) -> str:
@@ -36,20 +33,37 @@ def curve_table(history: list[dict]) -> str:
 
 def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.trainer.default_root_dir)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, net=instantiate(cfg.model))
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    evaluation = instantiate(cfg.evaluation) if cfg.get("evaluation") else None
+    if trainer.is_global_zero:
+        run = {"tags": OmegaConf.to_container(cfg.tags, resolve=True), "seed": cfg.seed}
+        (output_dir / "run.yaml").write_text(OmegaConf.to_yaml(run))
+    tables = []
+    if evaluation is not None and cfg.evaluate.at_init and trainer.is_global_zero:
+        tables.append(evaluate_split(evaluation, module.net, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
+                                     cfg.tags, "init", cfg.seed))
     trainer.fit(module, datamodule=datamodule)
     results = trainer.test(module, datamodule=datamodule, verbose=False)
+    if not trainer.is_global_zero:
+        return results[0]
     fisher = next((c for c in callbacks if isinstance(c, FisherRobustnessCallback)), None)
-    if fisher is not None and trainer.is_global_zero:
+    if fisher is not None:
         keys = [f"{fisher.prefix}/spectral_norm/{s}" for s in ("mean", "median", "p90")]
-        plot = save(curves_figure(fisher.history, keys, "lambda_max(F(x))"), Path(cfg.trainer.default_root_dir) / "fim_curve.png")
+        plot = save(curves_figure(fisher.history, keys, "lambda_max(F(x))"), output_dir / "fim_curve.png")
+        (output_dir / "fim_history.json").write_text(json.dumps(fisher.history, indent=1))
         print("\nFisher spectral norm over training (probe set of", fisher.num_samples, "held-out samples):")
         print(curve_table(fisher.history))
-        print(f"\ntest accuracy {results[0].get('test/acc', float('nan')):.4f}; plot: {plot}")
+        print(f"plot: {plot}")
+    print(f"\ntest accuracy {results[0].get('test/acc', float('nan')):.4f}")
+    if evaluation is not None:
+        tables.append(evaluate_split(evaluation, module.net, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
+                                     cfg.tags, "trained", cfg.seed))
+        print(f"per-sample scores: {save_scores(tables, output_dir)}")
     return results[0]
 
 

@@ -1,0 +1,270 @@
+"""Correlation reports over evaluation tables: how well each score predicts adversarial vulnerability.
+
+A table is a dict of equal-length columns (NumPy arrays): the per-sample columns of `RobustnessEvaluation`
+plus the run's `model`, `data`, `regularizer`, `seed` and `stage`. Two levels:
+- per sample, within each model: Spearman / Kendall / Pearson between a score and a target (by default the
+  minimal adversarial perturbation), on correctly classified samples with finite values. The statistic is
+  the mean over seeds of the per-seed correlation; its 95% interval is a percentile bootstrap that
+  resamples seeds, and samples within each seed.
+- per model: each run reduced to one number per score (median over samples) and per outcome (PGD robust
+  accuracy, median minimal perturbation); the correlation across models of the seed-averaged values, with a
+  bootstrap over seeds within each model.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from scipy import stats
+
+from fim_lightning.figures import new_figure
+
+Table = dict[str, np.ndarray]
+METHODS: dict[str, Callable] = {"spearman": stats.spearmanr, "kendall": stats.kendalltau, "pearson": stats.pearsonr}
+META = ("model", "data", "regularizer", "seed", "stage")
+SCORES = ("radius", "lambda_max", "lambda_max_blackbox", "trace", "bound", "grad_norm", "clever", "margin")
+
+
+def read_table(paths: Iterable[Path]) -> Table:
+    """Concatenate CSV files with the same header into one table; numeric columns become floats."""
+    rows: list[dict[str, str]] = []
+    for path in paths:
+        with open(path, newline="") as handle:
+            rows.extend(csv.DictReader(handle))
+    if not rows:
+        raise FileNotFoundError("no rows: the evaluation CSV files are missing or empty")
+    table: Table = {}
+    for name in rows[0]:
+        values = [row[name] for row in rows]
+        try:
+            table[name] = np.array([float(v) if v != "" else np.nan for v in values])
+        except ValueError:
+            table[name] = np.array(values)
+    return table
+
+
+def write_table(table: Table, path: Path) -> Path:
+    """Write a table as CSV (floats with full precision; booleans as 0 / 1)."""
+    names = list(table)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(names)
+        for i in range(len(table[names[0]])):
+            writer.writerow([_cell(table[name][i]) for name in names])
+    return path
+
+
+def _cell(value) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    return str(value)
+
+
+def select(table: Table, mask: np.ndarray) -> Table:
+    return {name: column[mask] for name, column in table.items()}
+
+
+def groups(table: Table, by: Sequence[str]) -> dict[tuple, Table]:
+    """Sub-tables keyed by the values of the `by` columns, in order of first appearance."""
+    keys = list(zip(*(table[name] for name in by)))
+    return {key: select(table, np.array([k == key for k in keys])) for key in dict.fromkeys(keys)}
+
+
+def correlation(x: np.ndarray, y: np.ndarray, method: str = "spearman") -> float:
+    """The correlation of the finite pairs; NaN with fewer than 3 pairs or a constant column."""
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(METHODS[method](x, y)[0])
+
+
+def seed_bootstrap(pairs: Sequence[tuple[np.ndarray, np.ndarray]], method: str = "spearman", draws: int = 1000,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """(statistic, low, high): the mean over seeds of the correlation of each seed's (x, y), and its 95%
+    percentile bootstrap interval (seeds resampled, then samples within each drawn seed)."""
+    statistic = float(np.nanmean([correlation(x, y, method) for x, y in pairs]))
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        drawn = [pairs[i] for i in rng.integers(len(pairs), size=len(pairs))]
+        inner = []
+        for x, y in drawn:
+            index = rng.integers(len(x), size=len(x))
+            inner.append(correlation(x[index], y[index], method))
+        values.append(np.nanmean(inner) if np.isfinite(inner).any() else np.nan)
+    low, high = np.nanpercentile(values, [2.5, 97.5]) if np.isfinite(values).any() else (np.nan, np.nan)
+    return statistic, float(low), float(high)
+
+
+def sample_correlations(table: Table, scores: Sequence[str] = SCORES, target: str = "min_perturbation",
+                        by: Sequence[str] = ("model", "regularizer", "stage"), draws: int = 1000) -> list[dict]:
+    """Per-sample correlations of each score with `target` within each group (module docstring)."""
+    rows = []
+    usable = table["correct"].astype(bool) & np.isfinite(table[target])
+    for key, group in groups(select(table, usable), by).items():
+        per_seed = groups(group, ["seed"])
+        for score in (s for s in scores if s in group and np.isfinite(group[s]).any()):
+            row = {**dict(zip(by, key)), "score": score, "samples": int(np.isfinite(group[score]).sum()),
+                   "seeds": len(per_seed)}
+            for method in METHODS:
+                pairs = [(g[score], g[target]) for g in per_seed.values()]
+                row[method] = seed_bootstrap(pairs, method, draws)
+            rows.append(row)
+    return rows
+
+
+MODEL_SUMMARIES = {
+    "clean accuracy": ("correct", np.mean),
+    "PGD L-inf accuracy": ("pgd_linf_robust", np.mean),
+    "PGD L2 accuracy": ("pgd_l2_robust", np.mean),
+    "CW accuracy": ("cw_robust", np.mean),
+    "median min perturbation": ("min_perturbation", np.nanmedian),
+    "median radius": ("radius", np.nanmedian),
+    "median lambda_max": ("lambda_max", np.nanmedian),
+    "mean lambda_max": ("lambda_max", np.nanmean),
+    "median bound": ("bound", np.nanmedian),
+    "median grad_norm": ("grad_norm", np.nanmedian),
+}
+
+
+def model_summaries(table: Table, by: Sequence[str] = ("model", "regularizer", "stage")) -> list[dict]:
+    """One row per group and seed: each `MODEL_SUMMARIES` entry whose column is present."""
+    rows = []
+    for key, group in groups(table, [*by, "seed"]).items():
+        row = dict(zip([*by, "seed"], key))
+        row["samples"] = len(group["index"])
+        for name, (column, reduce) in MODEL_SUMMARIES.items():
+            if column in group and np.isfinite(group[column].astype(float)).any():
+                row[name] = float(reduce(group[column].astype(float)))
+        rows.append(row)
+    return rows
+
+
+def model_correlations(summaries: list[dict], scores: Sequence[str], outcomes: Sequence[str],
+                       by: Sequence[str] = ("model", "regularizer", "stage"), draws: int = 1000,
+                       seed: int = 0) -> list[dict]:
+    """Spearman / Kendall across models of the seed-averaged score and outcome, with a bootstrap over seeds
+    within each model for the 95% interval."""
+    keyed: dict[tuple, list[dict]] = {}
+    for row in summaries:
+        keyed.setdefault(tuple(row[name] for name in by), []).append(row)
+    rng = np.random.default_rng(seed)
+    results = []
+    for score in scores:
+        for outcome in outcomes:
+            runs = [rows for rows in keyed.values() if all(score in r and outcome in r for r in rows)]
+            if len(runs) < 3:
+                continue
+            means = lambda chosen: (np.array([np.mean([r[score] for r in rs]) for rs in chosen]),  # noqa: E731
+                                    np.array([np.mean([r[outcome] for r in rs]) for rs in chosen]))
+            row = {"score": score, "outcome": outcome, "models": len(runs)}
+            for method in ("spearman", "kendall"):
+                boot = [correlation(*means([[rs[i] for i in rng.integers(len(rs), size=len(rs))] for rs in runs]),
+                                    method) for _ in range(draws)]
+                low, high = np.nanpercentile(boot, [2.5, 97.5]) if np.isfinite(boot).any() else (np.nan, np.nan)
+                row[method] = (correlation(*means(runs), method), float(low), float(high))
+            results.append(row)
+    return results
+
+
+def _interval(value: tuple[float, float, float]) -> str:
+    statistic, low, high = value
+    return f"{statistic:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def markdown(rows: list[dict], columns: Sequence[str]) -> str:
+    """A markdown table of `rows`; (statistic, low, high) cells print as 'statistic [low, high]'."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for name in columns:
+            value = row.get(name, "")
+            if isinstance(value, tuple):
+                cells.append(_interval(value))
+            elif isinstance(value, float):
+                cells.append(f"{value:.4g}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scatter_figure(table: Table, score: str = "radius", target: str = "min_perturbation",
+                   by: str = "model") -> Figure:
+    """Score against target per sample (log-log, correctly classified samples), one colour per `by` value."""
+    figure = new_figure(width=5.5, height=4.5)
+    ax = figure.add_subplot()
+    usable = table["correct"].astype(bool) & np.isfinite(table[score]) & np.isfinite(table[target])
+    for key, group in groups(select(table, usable), [by]).items():
+        ax.scatter(group[score], group[target], s=6, alpha=0.6, label=str(key[0]))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(score)
+    ax.set_ylabel(f"{target} (L2, pixels in [0, 1])")
+    ax.legend(fontsize="x-small", markerscale=2)
+    return figure
+
+
+def ranking_figure(summaries: list[dict], score: str, outcome: str,
+                   by: Sequence[str] = ("model", "regularizer", "stage")) -> Figure:
+    """Bars of the seed-mean score per model (sorted), with the seed-mean outcome printed above each bar."""
+    keyed: dict[str, list[dict]] = {}
+    for row in summaries:
+        if score in row and outcome in row:
+            keyed.setdefault(" / ".join(str(row[name]) for name in by), []).append(row)
+    names = sorted(keyed, key=lambda k: np.mean([r[score] for r in keyed[k]]))
+    values = [np.mean([r[score] for r in keyed[k]]) for k in names]
+    errors = [np.std([r[score] for r in keyed[k]]) for k in names]
+    figure = new_figure(width=max(5.0, 0.9 * len(names)), height=4.0)
+    ax = figure.add_subplot()
+    bars = ax.bar(range(len(names)), values, yerr=errors, capsize=3)
+    for bar, name in zip(bars, names):
+        ax.annotate(f"{np.mean([r[outcome] for r in keyed[name]]):.2f}", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize="x-small")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="x-small")
+    ax.set_yscale("log")
+    ax.set_ylabel(f"{score} (seed mean +- std)")
+    ax.set_title(f"architectures by {score}; numbers: {outcome}", fontsize="small")
+    return figure
+
+
+def curves_from_runs(histories: dict[str, Path], key: str = "fim/spectral_norm/median") -> Figure:
+    """FIM curves over training from each run's `fim_history.json` (the callback's history), one line a run."""
+    figure = new_figure(width=6.0, height=4.0)
+    ax = figure.add_subplot()
+    for label, path in histories.items():
+        history = [row for row in json.loads(Path(path).read_text()) if row.get("stage") == "fit" and key in row]
+        if history:
+            ax.plot([row["step"] for row in history], [row[key] for row in history], marker="o", ms=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("global step")
+    ax.set_ylabel(key)
+    ax.legend(fontsize="x-small")
+    return figure
+
+
+def bound_ranking(summaries: list[dict], by: Sequence[str] = ("model", "regularizer", "stage"),
+                  outcome: Optional[str] = "PGD L2 accuracy") -> list[dict]:
+    """Per model (seed means): the bound, the exact lambda_max and the outcome, with each one's rank."""
+    keyed: dict[tuple, list[dict]] = {}
+    for row in summaries:
+        keyed.setdefault(tuple(row[name] for name in by), []).append(row)
+    rows = []
+    for key, runs in keyed.items():
+        row = dict(zip(by, key))
+        for name in ("median bound", "median lambda_max", "mean lambda_max", outcome):
+            if name and all(name in r for r in runs):
+                row[name] = float(np.mean([r[name] for r in runs]))
+        rows.append(row)
+    for name in ("median bound", "median lambda_max", outcome):
+        present = [r for r in rows if name in r]
+        for rank, r in enumerate(sorted(present, key=lambda r: r[name]), start=1):
+            r[f"rank of {name}"] = rank
+    return rows

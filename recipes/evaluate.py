@@ -1,0 +1,68 @@
+"""fim-evaluate: per-sample robustness scores and attack outcomes of a model on held-out data, as CSV.
+
+    fim-evaluate run_dir=outputs/train/<time>                 # a fim-train run: its config and last checkpoint
+    fim-evaluate model=cifar_resnet18 data=cifar10_npz ckpt_path=path/to/last.ckpt
+    fim-evaluate experiment=imagenet_scale                    # torchvision resnet18 at 224 px, top-k exact route
+
+Writes `scores.csv` (columns: see `fim_lightning.evaluation`) with the model, data, regularizer, seed and
+stage of the run on every row, and prints a per-model summary. Feed the folders to `fim-report`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fim_lightning.report import markdown, model_summaries
+from recipes.common import CONFIG_DIR, evaluate_split, save_scores
+
+
+def load_net(cfg: DictConfig) -> torch.nn.Module:
+    """The model of `cfg.model`, with the `net.` weights of `cfg.ckpt_path` (a fim-train checkpoint) if given."""
+    net = instantiate(cfg.model)
+    if cfg.ckpt_path:
+        state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+        weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+        if not weights:
+            raise ValueError(f"{cfg.ckpt_path} holds no `net.` weights: is it a fim-train checkpoint?")
+        net.load_state_dict(weights)
+    return net.eval()
+
+
+def from_run_dir(cfg: DictConfig) -> DictConfig:
+    """`cfg` with the data and model (its `.hydra/config.yaml`), tags and seed (its `run.yaml`) of the fim-train
+    run in `cfg.run_dir`, and its last checkpoint."""
+    run = Path(cfg.run_dir)
+    trained, facts = OmegaConf.load(run / ".hydra" / "config.yaml"), OmegaConf.load(run / "run.yaml")
+    with open_dict(cfg):
+        cfg.data, cfg.model = trained.data, trained.model
+        cfg.tags, cfg.seed = facts.tags, facts.seed
+        cfg.ckpt_path = cfg.ckpt_path or str(run / "checkpoints" / "last.ckpt")
+    return cfg
+
+
+def evaluate(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        cfg = from_run_dir(cfg)
+    pl.seed_everything(cfg.seed)
+    net = load_net(cfg).to(cfg.device)
+    table = evaluate_split(instantiate(cfg.evaluation), net, instantiate(cfg.data), cfg.split, cfg.num_samples,
+                           cfg.tags, cfg.stage, cfg.seed)
+    path = save_scores([table], Path(cfg.output_dir))
+    summary = model_summaries(table)
+    print(markdown(summary, [c for c in summary[0] if c not in ("stage",)]))
+    print(f"per-sample scores: {path}")
+    return path
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

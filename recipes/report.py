@@ -1,0 +1,90 @@
+"""fim-report: correlations of the Fisher scores and baselines with adversarial vulnerability, from the
+`scores.csv` files of fim-train / fim-evaluate runs (a multirun folder collects a whole sweep).
+
+    fim-report runs=[multirun/train/2026-11-25_10-00-00]
+
+Writes `report.md` (printed too) and plots: `scatter_<score>.png` (per sample, score against the minimal
+perturbation), `ranking.png` (architectures by median lambda_max with their robust accuracy),
+`fim_curves.png` (FIM curves over training of every run) and the per-run summaries as `models.csv`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fim_lightning import report
+from fim_lightning.figures import save
+from recipes.common import CONFIG_DIR, machine
+
+GROUP = ("model", "regularizer", "stage")
+
+
+def run_label(run: Path) -> str:
+    """A run's command-line overrides (`model=cifar_vgg seed=1`), else its folder name."""
+    overrides = run / ".hydra" / "overrides.yaml"
+    if overrides.exists():
+        return " ".join(OmegaConf.load(overrides)) or run.name
+    return run.name
+
+
+def build_report(cfg: DictConfig) -> str:
+    files = sorted(path for folder in cfg.runs for path in Path(folder).rglob("scores.csv"))
+    table = report.read_table(files)
+    out = Path(cfg.output_dir)
+    seeds = sorted(set(table["seed"].astype(int).tolist()))
+    lines = [f"# Fisher robustness report\n",
+             f"{len(files)} runs, {len(table['index'])} evaluated samples, seeds {seeds}; data: "
+             f"{', '.join(sorted(set(table['data'])))}. Inputs are pixels in [0, 1] with normalisation inside the "
+             f"model: every score and attack is taken in that space. Machine: {machine()}.\n"]
+
+    samples = report.sample_correlations(table, cfg.scores, cfg.target, GROUP, cfg.draws)
+    lines += [f"## Per sample: correlation with `{cfg.target}`\n",
+              f"Correctly classified samples with finite values; mean over seeds of the per-seed correlation, "
+              f"95% bootstrap interval over seeds and samples ({cfg.draws} draws). Larger radius / CLEVER / "
+              f"margin and smaller lambda_max / trace / bound / grad_norm predict a larger minimal perturbation.\n",
+              report.markdown(samples, [*GROUP, "score", "samples", "seeds", "spearman", "kendall", "pearson"]), ""]
+
+    summaries = report.model_summaries(table, GROUP)
+    report.write_table({name: np.array([row.get(name, np.nan) for row in summaries]) for name in summaries[0]},
+                       out / "models.csv")
+    summary_columns = [*GROUP, "seed", *[name for name in report.MODEL_SUMMARIES if name in summaries[0]]]
+    lines += ["## Per run\n", report.markdown(summaries, summary_columns), ""]
+
+    outcomes = [name for name in ("PGD L-inf accuracy", "PGD L2 accuracy", "median min perturbation")
+                if name in summaries[0]]
+    scores = [name for name in ("median lambda_max", "mean lambda_max", "median radius", "median bound",
+                                "median grad_norm") if name in summaries[0]]
+    across = report.model_correlations(summaries, scores, outcomes, GROUP, cfg.draws)
+    if across:
+        lines += ["## Across models: ranking by score against ranking by attack\n",
+                  "Seed-averaged per-model values; 95% bootstrap interval over seeds within each model.\n",
+                  report.markdown(across, ["score", "outcome", "models", "spearman", "kendall"]), ""]
+    if "median bound" in summaries[0]:
+        ranking = report.bound_ranking(summaries, GROUP, outcomes[0] if outcomes else None)
+        columns = [c for c in ranking[0] if c not in ()]
+        lines += ["## Theoretical ranking: the architecture bound against lambda_max and attacks\n",
+                  report.markdown(ranking, columns), ""]
+
+    for score in ("radius", "lambda_max"):
+        if score in table and cfg.target in table:
+            save(report.scatter_figure(table, score, cfg.target), out / f"scatter_{score}.png")
+    if outcomes and "median lambda_max" in summaries[0]:
+        save(report.ranking_figure(summaries, "median lambda_max", outcomes[0], GROUP), out / "ranking.png")
+    histories = {run_label(path.parent): path for folder in cfg.runs for path in Path(folder).rglob("fim_history.json")}
+    if histories:
+        save(report.curves_from_runs(histories), out / "fim_curves.png")
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="report")
+def main(cfg: DictConfig) -> None:
+    print(build_report(cfg))
+
+
+if __name__ == "__main__":
+    main()
