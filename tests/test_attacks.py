@@ -1,10 +1,19 @@
-"""Training-time PGD and TRADES, and ART-based robust accuracy against a closed form on a linear model."""
+"""Training-time PGD, CW and TRADES; the ART-based evaluation attacks and CLEVER against closed forms on linear models."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fim_lightning.attacks import PGD, TradesPenalty, robust_accuracy
+from fim_lightning.attacks import (
+    PGD,
+    CarliniWagnerL2,
+    TradesPenalty,
+    carlini_wagner_l2,
+    clever_scores,
+    minimal_perturbation,
+    pgd_robust,
+    robust_accuracy,
+)
 from tests.conftest import make_cnn
 
 
@@ -69,3 +78,66 @@ def test_trades_penalty_is_a_nonnegative_differentiable_scalar():
     assert value.ndim == 0 and value >= 0 and value.requires_grad
     with pytest.raises(ValueError, match="exactly one"):
         PGD()(model, x)
+
+
+def _multiclass_linear(samples=40, classes=4, dim=12):
+    """Logits W x: the L2 distance to the boundary between the top class c and class j is
+    (z_c - z_j) / |w_c - w_j|, and the minimal flip distance is the smallest of those."""
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Linear(dim, classes, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(classes, dim, generator=gen))
+    x = 0.5 + 0.01 * torch.randn(samples, dim, generator=gen)  # far from the [0, 1] box: clipping never binds
+    with torch.no_grad():
+        z = model(x)
+        top = z.argmax(1)
+        w = model.weight
+        gaps = (z.gather(1, top[:, None]) - z) / (w[top][:, None, :] - w[None]).norm(dim=2).clamp_min(1e-30)
+        distance = gaps.masked_fill(nn.functional.one_hot(top, classes).bool(), torch.inf).min(1).values
+    return model, x, top, distance.double().numpy()
+
+
+def test_minimal_perturbation_is_the_linear_distance_to_the_boundary():
+    model, x, _, distance = _multiclass_linear()
+    rng, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    found = minimal_perturbation(model, x, search_steps=12)
+    assert (found >= distance * (1 - 1e-4)).all()  # no perturbation smaller than the true minimum flips
+    assert np.median(found / distance) < 1.03 and (found / distance).max() < 1.1
+    bisection_only = minimal_perturbation(model, x, search_steps=14, deepfool=False)
+    assert (bisection_only >= distance * (1 - 1e-4)).all() and np.median(bisection_only / distance) < 1.05
+    assert torch.equal(torch.get_rng_state(), rng) and np.array_equal(np.random.get_state()[1], numpy_state)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_clever_of_a_linear_model_is_its_closed_form():
+    """A linear model's gradients are constant, so CLEVER's extreme-value estimate is exact:
+    min_j (z_c - z_j) / |w_c - w_j|, the distance to the boundary."""
+    model, x, _, distance = _multiclass_linear(samples=3)
+    np.testing.assert_allclose(clever_scores(model, x, radius=2.0, batches=5, batch_size=5), distance, rtol=1e-4)
+    # CLEVER caps its estimate at the sampling radius
+    np.testing.assert_allclose(clever_scores(model, x, radius=0.1, batches=5, batch_size=5), 0.1, rtol=1e-6)
+
+
+def test_per_sample_pgd_and_carlini_wagner_against_the_linear_distance():
+    model, x, top, distance = _multiclass_linear()
+    eps = float(np.quantile(distance, 0.5))
+    robust = pgd_robust(model, x, top, norm="l2", eps=eps, steps=40, step_size=eps / 8)
+    assert robust[distance > eps].all()  # no attack crosses a boundary farther than eps
+    assert (~robust[distance < 0.99 * eps]).mean() > 0.9
+    still_correct, norms = carlini_wagner_l2(model, x, top, const=10.0, steps=100, learning_rate=0.01)
+    flipped = ~still_correct
+    assert flipped.mean() > 0.5 and (norms[flipped] >= distance[flipped] * (1 - 1e-4)).all()
+    assert np.isinf(norms[still_correct]).all()
+
+
+def test_training_carlini_wagner_flips_linear_predictions_at_their_distance():
+    model, x, top, distance = _multiclass_linear()
+    rng = torch.get_rng_state()
+    adversarial = CarliniWagnerL2(const=20.0, steps=200, learning_rate=0.01)(model, x, labels=top)
+    flipped = (model(adversarial).argmax(1) != top).numpy()
+    norms = (adversarial - x).flatten(1).norm(dim=1).detach().double().numpy()
+    assert flipped.mean() > 0.8
+    assert (norms[flipped] >= distance[flipped] * (1 - 1e-4)).all() and np.median(norms[flipped] / distance[flipped]) < 1.5
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="labels only"):
+        CarliniWagnerL2()(model, x)
