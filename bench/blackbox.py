@@ -4,7 +4,8 @@ Trains the recipes' SmallCNN on the offline CIFAR-10 subset for a few epochs, th
 compares `blackbox_fisher` (probabilities only) at several budgets with the white-box exact lambda_max, and
 reports the statistic of the paper's public code (franz-chang/SRP): the maximum over 200 random unit
 directions of the one-sided finite-difference form 2 KL(p(x) || p(x + h u)) / h^2 (201 queries).
-Beside the errors: the chi-square floor of any estimator from K random probes, 0.674 sqrt(2 (d - K) / (K (d - 1))),
+Both finite-difference schemes (central: two queries per probe; forward, the default: one). Beside the
+errors: the chi-square floor of any estimator from K random probes, 0.674 sqrt(2 (d - K) / (K (d - 1))),
 and how much of the top eigenvector's energy lies in subspaces an adaptive scheme could aim at (low spatial
 frequencies, colour-shared directions, the top eigenvectors of other images).
 
@@ -91,20 +92,23 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"SmallCNN trained {args.epochs} epochs on the CIFAR-10 subset; {len(x)} test images; "
           f"median exact lambda_max {exact.median():.4g}, median tr F {trace.median():.4g}\n")
-    print("| estimator | queries / sample | median rel. error of lambda_max | 90th pct rel. error | chi-square floor |")
-    print("|---|---:|---:|---:|---:|")
-    medians, floors, d = [], [], x[0].numel()
-    for budget in BUDGETS:
-        estimate = fl.blackbox_fisher(predict, x, budget, max_batch=4096)
-        error = (estimate.spectral_norm - exact).abs() / exact
-        probes = (int(estimate.queries.max()) - 1) // 2
-        floors.append(0.674 * math.sqrt(2 * (d - probes) / (probes * (d - 1))))
-        medians.append(error.median().item())
-        print(f"| Gram sketch, orthonormal probes (this package) | {int(estimate.queries.max())} | {error.median():.3f} "
-              f"| {error.quantile(0.9):.3f} | {floors[-1]:.3f} |")
+    print("| estimator | queries / sample | probes K | median rel. error of lambda_max | 90th pct rel. error | "
+          "chi-square floor |")
+    print("|---|---:|---:|---:|---:|---:|")
+    medians, floors, d = {}, {}, x[0].numel()
+    for difference, per_probe in (("central", 2), ("forward", 1)):
+        for budget in BUDGETS:
+            estimate = fl.blackbox_fisher(predict, x, budget, difference=difference, max_batch=4096)
+            error = (estimate.spectral_norm - exact).abs() / exact
+            probes = (int(estimate.queries.max()) - 1) // per_probe
+            floor = 0.674 * math.sqrt(2 * (d - probes) / (probes * (d - 1)))
+            medians.setdefault(difference, []).append(error.median().item())
+            floors.setdefault(difference, []).append(floor)
+            print(f"| Gram sketch, {difference} differences (this package) | {int(estimate.queries.max())} | "
+                  f"{probes} | {error.median():.3f} | {error.quantile(0.9):.3f} | {floor:.3f} |")
     srp = srp_statistic(predict, x)
     ratio = srp / exact
-    print(f"| SRP statistic (max over 200 directions) | 201 | {(ratio - 1).abs().median():.3f} | "
+    print(f"| SRP statistic (max over 200 directions) | 201 | 200 | {(ratio - 1).abs().median():.3f} | "
           f"{(ratio - 1).abs().quantile(0.9):.3f} | |")
     print(f"\nSRP statistic / lambda_max: median {ratio.median():.4f}; SRP / (tr F / d): median "
           f"{(srp / (trace / x[0].numel())).median():.2f}")
@@ -114,8 +118,10 @@ def main() -> None:
         print(f"- {name}: {share:.3f}")
     figure = new_figure()
     ax = figure.add_subplot()
-    ax.loglog(BUDGETS, medians, marker="o", label="Gram sketch, orthonormal probes")
-    ax.loglog(BUDGETS, floors, linestyle="--", label="chi-square floor 0.674 sqrt(2 (d - K) / (K (d - 1)))")
+    for difference in medians:
+        line, = ax.loglog(BUDGETS, medians[difference], marker="o", label=f"Gram sketch, {difference} differences")
+        ax.loglog(BUDGETS, floors[difference], linestyle="--", color=line.get_color(),
+                  label=f"chi-square floor, K of {difference}")
     ax.set_xlabel("queries per sample")
     ax.set_ylabel("median relative error of lambda_max")
     ax.legend()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import statistics
 import time
 from pathlib import Path

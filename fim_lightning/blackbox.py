@@ -1,10 +1,11 @@
 """Black-box Fisher estimation: probabilities (or logits, log-probabilities) from queries alone, no autograd.
 
-With s = log p and unit probes u_k, central differences give J u_k ~ (s(x + h u_k) - s(x - h u_k)) / 2h in
-two queries; y_k = sqrt(d) J u_k has E[y y^T] = J J^T (E[u u^T] = I / d). The probes come in orthonormal
-frames of at most d vectors (Haar, QR of a Gaussian matrix): a frame of K < d probes cuts the variance of each
-quadratic form by the factor (d - K) / (d - 1) against independent probes, and K = d probes form a complete
-basis, which makes the sketch exact up to the finite-difference error (so no more than d probes are spent). The Gram sketch
+With s = log p and unit probes u_k, finite differences give J u_k: forward (s(x + h u_k) - s(x)) / h in one
+query per probe (the default), or central (s(x + h u_k) - s(x - h u_k)) / 2h in two. y_k = sqrt(d) J u_k has
+E[y y^T] = J J^T (E[u u^T] = I / d). The probes come in orthonormal frames of at most d vectors (Haar, QR of a
+Gaussian matrix): a frame of K < d probes cuts the variance of each quadratic form by the factor
+(d - K) / (d - 1) against independent probes, and K = d probes form a complete basis, which makes the sketch
+exact up to the finite-difference error (so no more than d probes are spent). The Gram sketch
 G = W (1/K sum_k y_k y_k^T) W^T, with the cancellation-free factor W of M = diag(p) - p p^T
 (`algorithms.dual_weights`), estimates the dual whose top eigenvalue is lambda_max(F), and tr F = E|W y|^2.
 
@@ -16,14 +17,16 @@ range (every neural network is); pass inputs away from hard bounds or accept the
 
 Limit: below K ~ d the error is that of a chi-square with K degrees of freedom, median |error| about
 0.67 sqrt(2 (d - K) / (K d)) of lambda_max, unless the input gradients concentrate in a subspace known in advance.
-On a CIFAR CNN they do not (`bench/blackbox.py` measures the energy of the top eigenvector in low spatial
-frequencies and in directions shared across images), so an adaptive second stage gains nothing there.
+Forward differences double K for a budget; their O(h) truncation error (about 1e-3 relative here) is far
+below that floor, so they are the default. On a CIFAR CNN the gradients do not concentrate (`bench/blackbox.py`
+measures the energy of the top eigenvector in low spatial frequencies and in directions shared across
+images), so an adaptive second stage gains nothing there.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -32,6 +35,9 @@ from torch import Tensor
 from fim_lightning.algorithms import default_generator, dual_weights
 from fim_lightning.operator import OutputKind, as_class_scores, check_inputs, check_output_kind, \
     check_output_values, log_probs_from_output
+
+
+Difference = Literal["central", "forward"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ def blackbox_fisher(
     *,
     output: OutputKind = "probs",
     step: Optional[float] = None,
+    difference: Difference = "forward",
     generator: Optional[torch.Generator] = None,
     max_batch: int = 8192,
 ) -> BlackBoxEstimate:
@@ -89,18 +96,25 @@ def blackbox_fisher(
         predict: maps a float batch (N, ...) to (N, C) probabilities / logits / log-probabilities (`output`);
             called under `torch.no_grad()` only.
         inputs: the batch (B, ...).
-        num_queries: budget per sample: one query at x and two per probe, so min((num_queries - 1) // 2, d) probes.
+        num_queries: budget per sample: one query at x and two per probe (one with `difference="forward"`), so
+            min((num_queries - 1) // 2, d) probes (min(num_queries - 1, d)).
         step: the length |h u| of the finite-difference displacement; default eps^(1/3) * max(1, rms(x)).
+        difference: "central" (s(x + hu) - s(x - hu)) / 2h, error O(h^2), or "forward" (s(x + hu) - s(x)) / h,
+            error O(h) but twice the probes for the same budget.
         generator: for the probes (default: a fresh one seeded with 0; the global RNG is never used).
         max_batch: the most points per call of `predict` (all probes of all samples go in as few calls as that allows).
     """
     check_output_kind(output)
     check_inputs(inputs)
-    if num_queries < 3:
-        raise ValueError(f"num_queries must be >= 3 (one query at x, two per probe), got {num_queries}")
     x = inputs.detach()
     batch, dim = x.shape[0], x[0].numel()
-    probes = min((num_queries - 1) // 2, dim)
+    if difference not in ("central", "forward"):
+        raise ValueError(f"difference must be 'central' or 'forward', got {difference!r}")
+    per_probe = 2 if difference == "central" else 1
+    if num_queries < 1 + per_probe:
+        raise ValueError(f"num_queries must be >= {1 + per_probe} (one query at x, {per_probe} per probe with "
+                         f"{difference} differences), got {num_queries}")
+    probes = min((num_queries - 1) // per_probe, dim)
     counter = _CountingPredictor(predict, output, max_batch)
     log_p = counter.log_probs(x)
     generator = default_generator(torch.device("cpu"), generator)
@@ -108,9 +122,13 @@ def blackbox_fisher(
     rms = x.flatten(1).pow(2).mean(1).sqrt().clamp_min(1.0)
     h = step * torch.ones_like(rms) if step is not None else torch.finfo(x.dtype).eps ** (1 / 3) * rms
     shift = h.view(1, batch, *([1] * (x.ndim - 1))) * u
-    points = torch.cat([(x + shift).flatten(0, 1), (x - shift).flatten(0, 1)])
-    values = counter.log_probs(points).view(2, probes, batch, -1)
-    directional = (values[0] - values[1]) / (2 * h.view(1, batch, 1).to(values.dtype))
+    if difference == "central":
+        values = counter.log_probs(torch.cat([(x + shift).flatten(0, 1), (x - shift).flatten(0, 1)]))
+        values = values.view(2, probes, batch, -1)
+        directional = (values[0] - values[1]) / (2 * h.view(1, batch, 1).to(values.dtype))
+    else:
+        values = counter.log_probs((x + shift).flatten(0, 1)).view(probes, batch, -1)
+        directional = (values - log_p) / h.view(1, batch, 1).to(values.dtype)
     weights = dual_weights(log_p)[0]
     images = torch.einsum("kbc,nbc->nbk", weights, math.sqrt(dim) * directional)
     gram = torch.einsum("nbc,nbd->bcd", images, images) / probes
@@ -130,7 +148,7 @@ def blackbox_fisher(
         trace_stderr=stderr,
         lower=trace / (classes - 1),
         upper=trace,
-        queries=torch.full((batch,), 1 + 2 * probes, dtype=torch.long),
+        queries=torch.full((batch,), 1 + per_probe * probes, dtype=torch.long),
         calls=counter.calls,
     )
 

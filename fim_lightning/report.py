@@ -8,7 +8,7 @@ plus the run's `model`, `data`, `regularizer`, `seed` and `stage`. Two levels:
   resamples seeds, and samples within each seed.
 - per model: each run reduced to one number per score (median over samples) and per outcome (PGD robust
   accuracy, median minimal perturbation); the correlation across models of the seed-averaged values, with a
-  bootstrap over seeds within each model.
+  bootstrap over seeds within each model (no interval with one seed per model).
 """
 from __future__ import annotations
 
@@ -165,10 +165,12 @@ def model_correlations(summaries: list[dict], scores: Sequence[str], outcomes: S
             means = lambda chosen: (np.array([np.mean([r[score] for r in rs]) for rs in chosen]),  # noqa: E731
                                     np.array([np.mean([r[outcome] for r in rs]) for rs in chosen]))
             row = {"score": score, "outcome": outcome, "models": len(runs)}
+            single = all(len(rs) < 2 for rs in runs)  # one seed per model: nothing to resample
             for method in ("spearman", "kendall"):
                 boot = [correlation(*means([[rs[i] for i in rng.integers(len(rs), size=len(rs))] for rs in runs]),
                                     method) for _ in range(draws)]
-                low, high = np.nanpercentile(boot, [2.5, 97.5]) if np.isfinite(boot).any() else (np.nan, np.nan)
+                low, high = np.nanpercentile(boot, [2.5, 97.5]) if np.isfinite(boot).any() and not single \
+                    else (np.nan, np.nan)
                 row[method] = (correlation(*means(runs), method), float(low), float(high))
             results.append(row)
     return results
@@ -176,6 +178,8 @@ def model_correlations(summaries: list[dict], scores: Sequence[str], outcomes: S
 
 def _interval(value: tuple[float, float, float]) -> str:
     statistic, low, high = value
+    if np.isnan(low):
+        return f"{statistic:.3f} [no interval]"
     return f"{statistic:.3f} [{low:.3f}, {high:.3f}]"
 
 

@@ -35,7 +35,7 @@ def build_report(cfg: DictConfig) -> str:
     table = report.read_table(files)
     out = Path(cfg.output_dir)
     seeds = sorted(set(table["seed"].astype(int).tolist()))
-    lines = [f"# Fisher robustness report\n",
+    lines = ["# Fisher robustness report\n",
              f"{len(files)} runs, {len(table['index'])} evaluated samples, seeds {seeds}; data: "
              f"{', '.join(sorted(set(table['data'])))}. Inputs are pixels in [0, 1] with normalisation inside the "
              f"model: every score and attack is taken in that space. Machine: {machine()}.\n"]
@@ -57,16 +57,22 @@ def build_report(cfg: DictConfig) -> str:
                 if name in summaries[0]]
     scores = [name for name in ("median lambda_max", "mean lambda_max", "median radius", "median bound",
                                 "median grad_norm") if name in summaries[0]]
-    across = report.model_correlations(summaries, scores, outcomes, GROUP, cfg.draws)
+    stages = list(dict.fromkeys(row["stage"] for row in summaries))
+    across = [{"stage": stage, **row} for stage in stages for row in report.model_correlations(
+        [r for r in summaries if r["stage"] == stage], scores, outcomes, GROUP, cfg.draws)]
     if across:
         lines += ["## Across models: ranking by score against ranking by attack\n",
-                  "Seed-averaged per-model values; 95% bootstrap interval over seeds within each model.\n",
-                  report.markdown(across, ["score", "outcome", "models", "spearman", "kendall"]), ""]
+                  "Per stage; seed-averaged per-model values; 95% bootstrap interval over seeds within each model.\n",
+                  report.markdown(across, ["stage", "score", "outcome", "models", "spearman", "kendall"]), ""]
     if "median bound" in summaries[0]:
-        ranking = report.bound_ranking(summaries, GROUP, outcomes[0] if outcomes else None)
-        columns = [c for c in ranking[0] if c not in ()]
-        lines += ["## Theoretical ranking: the architecture bound against lambda_max and attacks\n",
-                  report.markdown(ranking, columns), ""]
+        lines += ["## Theoretical ranking: the architecture bound against lambda_max and attacks\n"]
+        for stage in stages:
+            chosen = [r for r in summaries if r["stage"] == stage]
+            ranking = report.bound_ranking(chosen, GROUP, outcomes[0] if outcomes else None)
+            agreement = report.model_correlations(chosen, ["median bound"], ["median lambda_max", *outcomes], GROUP,
+                                                  cfg.draws)
+            lines += [f"Stage `{stage}`:\n", report.markdown(ranking, list(ranking[0])), "",
+                      report.markdown(agreement, ["score", "outcome", "models", "spearman", "kendall"]), ""]
 
     for score in ("radius", "lambda_max"):
         if score in table and cfg.target in table:
