@@ -42,6 +42,7 @@ class RobustnessEvaluation:
         top_k: the exact route restricted to the top-k classes (for ImageNet's 1,000), or None for all.
         model_dtype: e.g. "float64" to run the model in double precision for the Fisher scores.
         blackbox_queries: query budget per sample of the black-box estimate (None: skip).
+        blackbox_difference: its finite differences, "forward" or "central".
         bound: compute the architecture bound (raises for architectures the bound does not know).
         clever_samples: CLEVER on the first samples only (it costs ~9 x batches x batch_size gradients each).
         pgd_linf_eps, pgd_l2_eps, pgd_steps: the PGD attacks (None eps: skip).
@@ -52,14 +53,14 @@ class RobustnessEvaluation:
     """
 
     def __init__(self, batch_size: int = 100, top_k: Optional[int] = None, model_dtype: Optional[str] = None,
-                 blackbox_queries: Optional[int] = 129, bound: bool = True, clever_samples: int = 50,
-                 clever_radius: float = 2.0, pgd_linf_eps: Optional[float] = 8 / 255,
+                 blackbox_queries: Optional[int] = 129, blackbox_difference: str = "forward", bound: bool = True,
+                 clever_samples: int = 20, clever_radius: float = 2.0, pgd_linf_eps: Optional[float] = 8 / 255,
                  pgd_l2_eps: Optional[float] = 0.5, pgd_steps: int = 20, cw_const: float = 1.0, cw_steps: int = 20,
                  minimal_search_steps: int = 10, minimal_deepfool: bool = True, seed: int = 0,
                  progress: bool = True) -> None:
         self.batch_size, self.top_k, self.seed, self.progress = batch_size, top_k, seed, progress
         self.model_dtype = getattr(torch, model_dtype) if model_dtype else None
-        self.blackbox_queries, self.bound = blackbox_queries, bound
+        self.blackbox_queries, self.blackbox_difference, self.bound = blackbox_queries, blackbox_difference, bound
         self.clever_samples, self.clever_radius = clever_samples, clever_radius
         self.pgd_linf_eps, self.pgd_l2_eps, self.pgd_steps = pgd_linf_eps, pgd_l2_eps, pgd_steps
         self.cw_const, self.cw_steps = cw_const, cw_steps
@@ -83,8 +84,9 @@ class RobustnessEvaluation:
                 parts["neglected_mass"] = scores.neglected_mass
             if self.blackbox_queries is not None:
                 with preserved_state(model, x, mode="eval"):
-                    parts["lambda_max_blackbox"] = blackbox_fisher(model, x, self.blackbox_queries, output="logits",
-                                                                   generator=generator).spectral_norm
+                    parts["lambda_max_blackbox"] = blackbox_fisher(
+                        model, x, self.blackbox_queries, output="logits", difference=self.blackbox_difference,
+                        generator=generator).spectral_norm
             if self.bound:
                 parts["bound"] = fisher_spectral_bound(model, x).value
             for name, value in parts.items():

@@ -14,6 +14,7 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from fim_lightning import FisherRobustnessCallback
 from fim_lightning.figures import curves_figure, save
@@ -40,11 +41,12 @@ def train(cfg: DictConfig) -> dict:
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     evaluation = instantiate(cfg.evaluation) if cfg.get("evaluation") else None
-    if trainer.is_global_zero:
+    first_process = rank_zero_only.rank == 0  # from the launch environment: valid before fit sets up DDP
+    if first_process:
         run = {"tags": OmegaConf.to_container(cfg.tags, resolve=True), "seed": cfg.seed}
         (output_dir / "run.yaml").write_text(OmegaConf.to_yaml(run))
     tables = []
-    if evaluation is not None and cfg.evaluate.at_init and trainer.is_global_zero:
+    if evaluation is not None and cfg.evaluate.at_init and first_process:
         tables.append(evaluate_split(evaluation, module.net, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
                                      cfg.tags, "init", cfg.seed))
     trainer.fit(module, datamodule=datamodule)
