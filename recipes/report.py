@@ -71,8 +71,9 @@ def build_report(cfg: DictConfig) -> str:
             ranking = report.bound_ranking(chosen, GROUP, outcomes[0] if outcomes else None)
             agreement = report.model_correlations(chosen, ["median bound"], ["median lambda_max", *outcomes], GROUP,
                                                   cfg.draws)
-            lines += [f"Stage `{stage}`:\n", report.markdown(ranking, list(ranking[0])), "",
-                      report.markdown(agreement, ["score", "outcome", "models", "spearman", "kendall"]), ""]
+            lines += [f"Stage `{stage}`:\n", report.markdown(ranking, list(ranking[0])), ""]
+            if agreement:
+                lines += [report.markdown(agreement, ["score", "outcome", "models", "spearman", "kendall"]), ""]
 
     for score in ("radius", "lambda_max"):
         if score in table and cfg.target in table:

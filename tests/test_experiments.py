@@ -66,10 +66,10 @@ CHEAP = ["evaluation=default", "evaluate.num_samples=24", "evaluation.clever_sam
 
 def test_sweep_evaluate_and_report_end_to_end(tmp_path):
     sweep = tmp_path / "sweep"
-    _run("recipes.train", "-m", "regularizer=none,fisher_kl", "seed=0,1", "evaluate.at_init=true",
+    _run("recipes.train", "-m", "regularizer=none,fisher_kl,fisher_trace", "seed=0,1", "evaluate.at_init=true",
          f"hydra.sweep.dir={sweep}", *CHEAP, cwd=tmp_path)
     runs = sorted(p.parent for p in sweep.rglob("scores.csv"))
-    assert len(runs) == 4
+    assert len(runs) == 6
     table = read_table([runs[0] / "scores.csv"])
     assert sorted(set(table["stage"])) == ["init", "trained"] and len(table["index"]) == 48
     assert set(table["model"]) == {"small_cnn"} and set(table["data"]) == {"digits"}
