@@ -196,9 +196,10 @@ def minimal_perturbation(model: nn.Module, images: Tensor, *, norm: Norm = "l2",
                          batch_size: int = 128, seed: int = 0) -> np.ndarray:
     """The smallest perturbation found that changes each sample's prediction, (N,) in `norm` (pixels in
     [0, 1]): the minimum over DeepFool (ART, L2 only) and a per-sample bisection of the PGD radius (ART,
-    `steps` steps of eps / 4, no random start, `search_steps` halvings of [0, upper]); `upper` is DeepFool's
-    norm where it succeeded, else `max_eps` (default sqrt(d) for L2, 1 for L-inf). inf where nothing
-    succeeded. The target is the predicted class, so this is the distance to the decision boundary."""
+    `steps` steps of eps / 4, no random start, `search_steps` halvings): of [0, DeepFool's norm] where it
+    succeeded, else geometric halvings of [1e-4 max_eps, max_eps] (default max_eps: sqrt(d) for L2, 1 for
+    L-inf). inf where nothing succeeded. The target is the predicted class, so this is the distance to the
+    decision boundary."""
     from art.attacks.evasion import DeepFool
 
     x = images.detach().cpu().numpy()
@@ -212,9 +213,13 @@ def minimal_perturbation(model: nn.Module, images: Tensor, *, norm: Norm = "l2",
                                    verbose=False).generate(x)
             moved = classifier.predict(adversarial, batch_size=batch_size).argmax(1) != predicted
             best = np.where(moved, _norms(adversarial - x, norm), best)
-        low, high = np.zeros(len(x)), np.minimum(best, max_eps)
+        # DeepFool's norm is within a few per cent of the minimum: halve [0, norm]. Without it the bracket
+        # [max_eps 1e-4, max_eps] spans four decades: halve it geometrically.
+        high = np.minimum(best, max_eps)
+        low = np.where(np.isfinite(best), 0.0, max_eps * 1e-4)
         for _ in range(search_steps):
-            eps = ((low + high) / 2).reshape(-1, *([1] * (x.ndim - 1))).astype(np.float32)
+            middle = np.where(low > 0, np.sqrt(low * high), (low + high) / 2)
+            eps = middle.reshape(-1, *([1] * (x.ndim - 1))).astype(np.float32)
             adversarial = _pgd(classifier, norm, eps, steps, eps / 4, batch_size, random_start=False).generate(
                 x=x, y=predicted)
             moved = classifier.predict(adversarial, batch_size=batch_size).argmax(1) != predicted

@@ -105,6 +105,8 @@ def test_minimal_perturbation_is_the_linear_distance_to_the_boundary():
     assert np.median(found / distance) < 1.03 and (found / distance).max() < 1.1
     bisection_only = minimal_perturbation(model, x, search_steps=14, deepfool=False)
     assert (bisection_only >= distance * (1 - 1e-4)).all() and np.median(bisection_only / distance) < 1.05
+    wide = minimal_perturbation(model, x, search_steps=8, deepfool=False, max_eps=100.0)  # four decades, 8 halvings
+    assert (wide >= distance * (1 - 1e-4)).all() and np.median(wide / distance) < 1.05
     assert torch.equal(torch.get_rng_state(), rng) and np.array_equal(np.random.get_state()[1], numpy_state)
     assert all(p.grad is None for p in model.parameters())
 
