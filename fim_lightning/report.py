@@ -113,11 +113,19 @@ def sample_correlations(table: Table, scores: Sequence[str] = SCORES, target: st
         for score in (s for s in scores if s in group and np.isfinite(group[s]).any()):
             row = {**dict(zip(by, key)), "score": score, "samples": int(np.isfinite(group[score]).sum()),
                    "seeds": len(per_seed)}
+            pairs = [(g[score], g[target]) for g in per_seed.values()]
             for method in METHODS:
-                pairs = [(g[score], g[target]) for g in per_seed.values()]
                 row[method] = seed_bootstrap(pairs, method, draws)
             rows.append(row)
     return rows
+
+
+def _runs_by_model(summaries: list[dict], by: Sequence[str]) -> dict[tuple, list[dict]]:
+    """The per-seed summary rows of each model (the values of the `by` columns), in order of appearance."""
+    keyed: dict[tuple, list[dict]] = {}
+    for row in summaries:
+        keyed.setdefault(tuple(row[name] for name in by), []).append(row)
+    return keyed
 
 
 MODEL_SUMMARIES = {
@@ -152,9 +160,7 @@ def model_correlations(summaries: list[dict], scores: Sequence[str], outcomes: S
                        seed: int = 0) -> list[dict]:
     """Spearman / Kendall across models of the seed-averaged score and outcome, with a bootstrap over seeds
     within each model for the 95% interval."""
-    keyed: dict[tuple, list[dict]] = {}
-    for row in summaries:
-        keyed.setdefault(tuple(row[name] for name in by), []).append(row)
+    keyed = _runs_by_model(summaries, by)
     rng = np.random.default_rng(seed)
     results = []
     for score in scores:
@@ -219,10 +225,8 @@ def scatter_figure(table: Table, score: str = "radius", target: str = "min_pertu
 def ranking_figure(summaries: list[dict], score: str, outcome: str,
                    by: Sequence[str] = ("model", "regularizer", "stage")) -> Figure:
     """Bars of the seed-mean score per model (sorted), with the seed-mean outcome printed above each bar."""
-    keyed: dict[str, list[dict]] = {}
-    for row in summaries:
-        if score in row and outcome in row:
-            keyed.setdefault(" / ".join(str(row[name]) for name in by), []).append(row)
+    keyed = {" / ".join(map(str, key)): runs
+             for key, runs in _runs_by_model([r for r in summaries if score in r and outcome in r], by).items()}
     names = sorted(keyed, key=lambda k: np.mean([r[score] for r in keyed[k]]))
     values = [np.mean([r[score] for r in keyed[k]]) for k in names]
     errors = [np.std([r[score] for r in keyed[k]]) for k in names]
@@ -257,11 +261,8 @@ def curves_from_runs(histories: dict[str, Path], key: str = "fim/spectral_norm/m
 def bound_ranking(summaries: list[dict], by: Sequence[str] = ("model", "regularizer", "stage"),
                   outcome: Optional[str] = "PGD L2 accuracy") -> list[dict]:
     """Per model (seed means): the bound, the exact lambda_max and the outcome, with each one's rank."""
-    keyed: dict[tuple, list[dict]] = {}
-    for row in summaries:
-        keyed.setdefault(tuple(row[name] for name in by), []).append(row)
     rows = []
-    for key, runs in keyed.items():
+    for key, runs in _runs_by_model(summaries, by).items():
         row = dict(zip(by, key))
         for name in ("median bound", "median lambda_max", "mean lambda_max", outcome):
             if name and all(name in r for r in runs):
