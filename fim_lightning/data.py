@@ -251,8 +251,7 @@ class ImageFolderDataModule(ArrayDataModule):
         root = _resolve(self.root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is not a folder: set FIM_DATA_DIR or data.root")
-        names = {"train": "train", "val": "val", "test": "test"}
-        present = {split: root / name for split, name in names.items() if (root / name).is_dir()}
+        present = {split: root / split for split in ("train", "val", "test") if (root / split).is_dir()}
         if not present:
             present = {"test": root}
         for split, folder in present.items():
