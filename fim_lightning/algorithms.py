@@ -8,6 +8,9 @@
 - `gram_sketch`: the Hutchinson-type estimate E_z[(J z)(J z)^T] = J J^T from Rademacher probes (forward mode
   only), pushed through W and eigen-solved.
 - `exact_trace` / `hutchinson_trace`: tr F = |A|_F^2 and tr F = E_z |W J z|^2.
+
+Every product goes through `op.screen`: a sample with a non-finite Jacobian is warned about and gets NaN,
+the others stay exact (a NaN never reaches an eigen-solve).
 """
 from __future__ import annotations
 
@@ -112,6 +115,9 @@ def dual_weights(log_probs: Tensor, top_k: Optional[int] = None) -> tuple[Tensor
     return (factor @ rows).movedim(1, 0), neglected
 
 
+NONFINITE_JACOBIAN = "the Jacobian is not finite (NaN or inf)"
+
+
 def _top_eigenpair_of(gram: Tensor) -> tuple[Tensor, Tensor]:
     evals, evecs = torch.linalg.eigh(gram)
     return evals[:, -1].clamp_min(0.0), evecs[:, :, -1]
@@ -126,17 +132,17 @@ def exact_dual(
 ) -> TopEigenpair:
     """lambda_max from the C x C dual G = A A^T (exact up to rounding; a lower bound with `top_k`)."""
     weights, neglected = dual_weights(op.log_probs, top_k)
-    rows = op.factor(weights, chunk_size)
+    rows = op.screen(op.factor(weights, chunk_size), NONFINITE_JACOBIAN)
     flat = rows.flatten(2).to(dtype)
     eigenvalue, u = _top_eigenpair_of(flat @ flat.mT)
     direction = (u.unsqueeze(1) @ flat).squeeze(1).to(rows.dtype)
     return TopEigenpair(
-        eigenvalue=eigenvalue,
-        eigenvector=_unit(direction.view(op.inputs.shape)),
+        eigenvalue=op.nan_invalid(eigenvalue),
+        eigenvector=op.nan_invalid(_unit(direction.view(op.inputs.shape))),
         residual=None,
         steps=weights.shape[0],
-        neglected_mass=None if neglected is None else neglected.to(dtype),
-        trace=flat.square().sum((1, 2)),
+        neglected_mass=None if neglected is None else op.nan_invalid(neglected.to(dtype)),
+        trace=op.nan_invalid(flat.square().sum((1, 2))),
     )
 
 
@@ -156,7 +162,7 @@ def power_iteration(
     v = random_unit(x, generator)
     previous = torch.full((x.shape[0],), math.inf, dtype=dtype, device=x.device)
     for step in range(1, max_iter + 1):
-        w = op.matvec(v)
+        w = op.screen(op.matvec(v), NONFINITE_JACOBIAN)
         rayleigh = (v.flatten(1).to(dtype) * w.flatten(1).to(dtype)).sum(1).clamp_min(0.0)
         scale = rayleigh.clamp_min(torch.finfo(dtype).tiny)
         residual = _flat_norm(w - _per_sample(rayleigh, w) * v).to(dtype) / scale
@@ -166,7 +172,8 @@ def power_iteration(
         previous = rayleigh
         moved = _flat_norm(w) > 0
         v = torch.where(_per_sample(moved, v).bool(), _unit(w), v)
-    return TopEigenpair(eigenvalue=rayleigh, eigenvector=v, residual=residual, steps=step)
+    return TopEigenpair(eigenvalue=op.nan_invalid(rayleigh), eigenvector=op.nan_invalid(v),
+                        residual=op.nan_invalid(residual), steps=step)
 
 
 def lanczos(
@@ -196,7 +203,7 @@ def lanczos(
     breakdown = 100 * torch.finfo(x.dtype).eps
     for j in range(steps):
         basis[:, j] = q
-        w = op.matvec(q.view(x.shape)).flatten(1)
+        w = op.screen(op.matvec(q.view(x.shape)), NONFINITE_JACOBIAN).flatten(1)
         alpha = (q.to(dtype) * w.to(dtype)).sum(1)
         w = w - _per_sample(alpha, w) * q - _per_sample(beta_prev, w) * q_prev
         for _ in range(2):
@@ -220,7 +227,8 @@ def lanczos(
         q_prev, beta_prev = q, kept_beta
         q = torch.where(exhausted[:, None], torch.zeros_like(w), w / _per_sample(beta.clamp_min(torch.finfo(dtype).tiny), w))
     vector = (s.to(x.dtype).unsqueeze(1) @ basis[:, : j + 1]).squeeze(1)
-    return TopEigenpair(eigenvalue=ritz, eigenvector=_unit(vector.view(x.shape)), residual=residual, steps=j + 1)
+    return TopEigenpair(eigenvalue=op.nan_invalid(ritz), eigenvector=op.nan_invalid(_unit(vector.view(x.shape))),
+                        residual=op.nan_invalid(residual), steps=j + 1)
 
 
 def _probe_images(op: FisherOperator, num_probes: int, generator, chunk_size) -> tuple[Tensor, Tensor]:
@@ -231,6 +239,7 @@ def _probe_images(op: FisherOperator, num_probes: int, generator, chunk_size) ->
     weights = dual_weights(op.log_probs)[0]  # before vmap, so z(x) is recorded outside it
     probes = rademacher((num_probes, *x.shape), x, default_generator(x.device, generator))
     images = torch.func.vmap(op.jvp, chunk_size=chunk_size, randomness="same")(probes)
+    images = op.screen(images.movedim(1, 0), NONFINITE_JACOBIAN).movedim(0, 1)
     return probes, torch.einsum("kbc,nbc->nbk", weights, images.to(weights.dtype))
 
 
@@ -250,13 +259,14 @@ def gram_sketch(
     eigenvalue, u = _top_eigenpair_of(gram)
     coefficients = torch.einsum("nbc,bc->nb", images, u).to(probes.dtype)
     sketch = torch.einsum("nb,nb...->b...", coefficients, probes)
-    return TopEigenpair(eigenvalue=eigenvalue, eigenvector=_unit(sketch), residual=None, steps=num_probes)
+    return TopEigenpair(eigenvalue=op.nan_invalid(eigenvalue), eigenvector=op.nan_invalid(_unit(sketch)), residual=None,
+                        steps=num_probes)
 
 
 def exact_trace(op: FisherOperator, *, chunk_size: Optional[int] = None, dtype: torch.dtype = torch.float64) -> TraceEstimate:
     """tr F = |A|_F^2 = sum_y p_y |grad log p_y|^2 from C - 1 VJPs."""
-    rows = op.factor(dual_weights(op.log_probs)[0], chunk_size)
-    value = rows.flatten(1).to(dtype).square().sum(1)
+    rows = op.screen(op.factor(dual_weights(op.log_probs)[0], chunk_size), NONFINITE_JACOBIAN)
+    value = op.nan_invalid(rows.flatten(1).to(dtype).square().sum(1))
     return TraceEstimate(value=value, stderr=torch.zeros_like(value))
 
 
@@ -272,4 +282,4 @@ def hutchinson_trace(
     _, images = _probe_images(op, num_probes, generator, chunk_size)
     samples = images.to(dtype).square().sum(-1)
     stderr = samples.std(0) / math.sqrt(num_probes) if num_probes > 1 else torch.full_like(samples[0], math.inf)
-    return TraceEstimate(value=samples.mean(0), stderr=stderr)
+    return TraceEstimate(value=op.nan_invalid(samples.mean(0)), stderr=op.nan_invalid(stderr))

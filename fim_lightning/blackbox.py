@@ -9,9 +9,14 @@ exact up to the finite-difference error (so no more than d probes are spent). Th
 G = W (1/K sum_k y_k y_k^T) W^T, with the cancellation-free factor W of M = diag(p) - p p^T
 (`algorithms.dual_weights`), estimates the dual whose top eigenvalue is lambda_max(F), and tr F = E|W y|^2.
 
-Step: the displacement |h u| = eps^(1/3) * max(1, rms(x)) (eps of the query dtype); on a CIFAR CNN a
-per-coordinate step that large (|h u| 55x bigger) biased lambda_max by -10%, this one by -1%
-(`bench/blackbox.py`). Probes are not clipped: a predictor that clips its inputs to a valid range would see a different
+Step: the displacement |h u| = eps^(1/3) * max(1, rms(x)), with eps the coarser of the inputs' precision and
+the precision the predictor really answers in: the coarsest float type (bfloat16, float16, float32) that
+holds every returned value exactly (a float32 endpoint fed float64 inputs answers in float32, a float16 model
+in float16, whatever dtype its values are handed back in). On a CIFAR CNN a per-coordinate step that large
+(|h u| 55x bigger) biased lambda_max by -10%, this one by -1% (`bench/blackbox.py`). Differences near the
+rounding level are refused per sample: where the rounding noise of the outputs (eps / 2 per log-probability
+and logit unit) carries more than 5% of the differenced energy, the sample's estimates are NaN with a
+warning that names it (a hard-label or quantised predictor, or a `step` too small for its precision). Probes are not clipped: a predictor that clips its inputs to a valid range would see a different
 direction than the one differenced, so the estimate assumes the model is defined slightly outside the data
 range (every neural network is); pass inputs away from hard bounds or accept the bias.
 
@@ -34,7 +39,7 @@ from torch import Tensor
 
 from fim_lightning.algorithms import default_generator, dual_weights
 from fim_lightning.operator import OutputKind, as_class_scores, check_inputs, check_output_kind, \
-    check_output_values, log_probs_from_output
+    check_output_values, log_probs_from_output, warn_samples
 
 
 Difference = Literal["central", "forward"]
@@ -62,21 +67,43 @@ class BlackBoxEstimate:
     calls: int
 
 
+_ROUNDING_SHARE = 0.05
+_PRECISIONS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def effective_eps(values: Tensor) -> float:
+    """eps of the coarsest float type that represents every finite value of `values` exactly."""
+    finite = values[torch.isfinite(values)]
+    for dtype in _PRECISIONS:
+        if torch.finfo(dtype).eps > torch.finfo(values.dtype).eps and torch.equal(finite.to(dtype).to(values.dtype),
+                                                                                  finite):
+            return torch.finfo(dtype).eps
+    return torch.finfo(values.dtype).eps
+
+
 class _CountingPredictor:
-    """Calls `predict` under no_grad in batches of at most `max_batch` points and counts calls."""
+    """Calls `predict` under no_grad in batches of at most `max_batch` points; counts calls, tracks the coarsest
+    precision of the answers and the largest score magnitude (for the rounding level)."""
 
     def __init__(self, predict: Callable[[Tensor], object], output: OutputKind, max_batch: int) -> None:
         self.predict, self.output, self.max_batch, self.calls = predict, output, max_batch, 0
+        self.eps = 0.0
+        self.magnitude = 1.0  # the largest |logit| (or |log p|) answered; rounding is relative to it
 
-    def log_probs(self, points: Tensor) -> Tensor:
-        parts = []
+    def log_probs(self, points: Tensor, warn: bool = True) -> tuple[Tensor, Tensor]:
+        """log p of the points (float64) and the (N,) mask of non-finite answers."""
+        parts, invalid = [], []
         with torch.no_grad():
             for chunk in points.split(self.max_batch):
                 scores = as_class_scores(self.predict(chunk), len(chunk))
-                check_output_values(scores, self.output)
+                invalid.append(check_output_values(scores, self.output, warn=warn))
+                self.eps = max(self.eps, effective_eps(scores))
+                finite = scores[torch.isfinite(scores)]
+                if self.output != "probs" and finite.numel():
+                    self.magnitude = max(self.magnitude, finite.abs().max().item())
                 parts.append(log_probs_from_output(scores, self.output))
                 self.calls += 1
-        return torch.cat(parts)
+        return torch.cat(parts), torch.cat(invalid)
 
 
 def blackbox_fisher(
@@ -98,7 +125,8 @@ def blackbox_fisher(
         inputs: the batch (B, ...).
         num_queries: budget per sample: one query at x and two per probe (one with `difference="forward"`), so
             min((num_queries - 1) // 2, d) probes (min(num_queries - 1, d)).
-        step: the length |h u| of the finite-difference displacement; default eps^(1/3) * max(1, rms(x)).
+        step: the length |h u| of the finite-difference displacement; default eps^(1/3) * max(1, rms(x)) with
+            eps the coarser of the inputs' and the answers' precision (module docstring).
         difference: "central" (s(x + hu) - s(x - hu)) / 2h, error O(h^2), or "forward" (s(x + hu) - s(x)) / h,
             error O(h) but twice the probes for the same budget.
         generator: for the probes (default: a fresh one seeded with 0; the global RNG is never used).
@@ -116,20 +144,27 @@ def blackbox_fisher(
                          f"{difference} differences), got {num_queries}")
     probes = min((num_queries - 1) // per_probe, dim)
     counter = _CountingPredictor(predict, output, max_batch)
-    log_p = counter.log_probs(x)
+    log_p, invalid = counter.log_probs(x)
+    log_p = torch.where(invalid[:, None], -math.log(log_p.shape[1]), log_p)
     generator = default_generator(torch.device("cpu"), generator)
     u = orthonormal_probes(probes, batch, dim, generator).to(x.device, x.dtype).view(probes, *x.shape)
     rms = x.flatten(1).pow(2).mean(1).sqrt().clamp_min(1.0)
-    h = step * torch.ones_like(rms) if step is not None else torch.finfo(x.dtype).eps ** (1 / 3) * rms
+    eps = max(torch.finfo(x.dtype).eps, counter.eps)
+    h = step * torch.ones_like(rms) if step is not None else eps ** (1 / 3) * rms
     shift = h.view(1, batch, *([1] * (x.ndim - 1))) * u
     if difference == "central":
-        values = counter.log_probs(torch.cat([(x + shift).flatten(0, 1), (x - shift).flatten(0, 1)]))
+        values, failed = counter.log_probs(torch.cat([(x + shift).flatten(0, 1), (x - shift).flatten(0, 1)]), False)
         values = values.view(2, probes, batch, -1)
         directional = (values[0] - values[1]) / (2 * h.view(1, batch, 1).to(values.dtype))
     else:
-        values = counter.log_probs((x + shift).flatten(0, 1)).view(probes, batch, -1)
-        directional = (values - log_p) / h.view(1, batch, 1).to(values.dtype)
+        values, failed = counter.log_probs((x + shift).flatten(0, 1), False)
+        directional = (values.view(probes, batch, -1) - log_p) / h.view(1, batch, 1).to(values.dtype)
+    broken = failed.view(-1, probes, batch).any(0).any(0) & ~invalid
+    warn_samples(broken, "the predictor's answer at a perturbed point is not finite")
+    invalid |= broken
+    directional = directional.masked_fill(invalid[None, :, None], 0.0)
     weights = dual_weights(log_p)[0]
+    invalid |= _at_rounding_level(directional, weights, counter, h, difference, invalid)
     images = torch.einsum("kbc,nbc->nbk", weights, math.sqrt(dim) * directional)
     gram = torch.einsum("nbc,nbd->bcd", images, images) / probes
     spectral = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0)
@@ -142,6 +177,7 @@ def blackbox_fisher(
     else:
         stderr = torch.full_like(trace, math.inf)
     classes = log_p.shape[1]
+    spectral, trace, stderr = (value.masked_fill(invalid, math.nan) for value in (spectral, trace, stderr))
     return BlackBoxEstimate(
         spectral_norm=spectral,
         trace=trace,
@@ -151,6 +187,24 @@ def blackbox_fisher(
         queries=torch.full((batch,), 1 + per_probe * probes, dtype=torch.long),
         calls=counter.calls,
     )
+
+
+def _at_rounding_level(directional: Tensor, weights: Tensor, counter: _CountingPredictor, h: Tensor,
+                       difference: Difference, invalid: Tensor) -> Tensor:
+    """(B,) samples whose weighted differences are dominated by output rounding, warned about.
+
+    Rounding noise of each log-probability is at most eps / 2 (the relative error of a probability; for
+    logits eps / 2 times the largest |logit|), so a difference carries noise of at most sqrt(2) eps / 2 / h
+    (forward) or half that (central) per class, weighted like the signal."""
+    noise = math.sqrt(2) * counter.eps / 2 * counter.magnitude / (h.to(directional.dtype) *
+                                                                  (2 if difference == "central" else 1))
+    noise_energy = noise.square() * weights.square().sum((0, 2))
+    signal_energy = torch.einsum("kbc,nbc->nbk", weights, directional).square().sum(-1).mean(0)
+    rounding = (noise_energy > _ROUNDING_SHARE * signal_energy) & ~invalid
+    warn_samples(rounding, f"the finite differences are at the rounding level of the predictor's answers (they "
+                           f"hold {-math.log2(counter.eps):.0f}-bit values, step {h.max().item():.3g}); pass a "
+                           "larger `step` or query a more precise predictor")
+    return rounding
 
 
 def orthonormal_probes(count: int, batch: int, dim: int, generator: torch.Generator) -> Tensor:
@@ -174,12 +228,14 @@ def blackbox_fisher_trace(predict: Callable, inputs: Tensor, num_queries: int = 
 def numpy_predictor(function: Callable[[np.ndarray], np.ndarray], input_shape: Optional[tuple[int, ...]] = None,
                     dtype: np.dtype = np.float64) -> Callable[[Tensor], Tensor]:
     """Wrap a NumPy function (scikit-learn's `predict_proba`, an onnxruntime session's run) as a predictor:
-    tensors in (reshaped to `(N, *input_shape)` if given), float64 tensors out."""
+    tensors in (reshaped to `(N, *input_shape)` and cast to `dtype`), tensors out in the function's own
+    floating dtype (others as float64)."""
 
     def predict(batch: Tensor) -> Tensor:
         array = batch.detach().cpu().numpy().astype(dtype)
         if input_shape is not None:
             array = array.reshape(len(array), *input_shape)
-        return torch.from_numpy(np.asarray(function(array), dtype=np.float64))
+        answer = np.asarray(function(array))  # its own precision kept: the difference step depends on it
+        return torch.from_numpy(answer if np.issubdtype(answer.dtype, np.floating) else answer.astype(np.float64))
 
     return predict

@@ -2,23 +2,26 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
+import warnings
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fim_lightning import figures
+from fim_lightning import writers
 from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_options, fisher_operator, fisher_scores
 from fim_lightning.operator import OUTPUT_KINDS, OutputKind
+from fim_lightning.validation import check_bool, check_choice, check_int, check_str
 
 _SCORES = ("spectral_norm", "trace", "radius")
+INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values", "img", "data")
 
 
 def _first_loader(loaders: Any) -> Any:
@@ -50,9 +53,10 @@ class FisherRobustnessCallback(Callback):
     (log p_1 - log p_2) / sqrt(lambda_max), where F(x) = J^T (diag p - p p^T) J. Their summaries (mean,
     median, 90th percentile, max) go to every logger as ``{prefix}/spectral_norm/mean`` and so on, against the
     global step, and into ``trainer.callback_metrics`` (so ModelCheckpoint / EarlyStopping can monitor them).
-    With a ``WandbLogger`` it also logs a histogram, a line plot of the curves and images of the top
-    eigenvectors at every evaluation; with other loggers the same figures are written as PNG files under
-    ``{log_dir}/{prefix}/`` at the end of ``fit`` (and of standalone ``validate``/``test``).
+    Figures go through each logger's writer (`fim_lightning.writers`): W&B media and TensorBoard image
+    summaries (histogram, eigenvector images: grey 0, red +, blue -) at every evaluation; for other loggers
+    (or none) PNG files under ``{log_dir}/{prefix}/`` at the end of ``fit`` (and of standalone
+    ``validate``/``test``, or of a run stopped by an exception or signal). Only global rank 0 writes them.
 
     The probe set is drawn once (``seed``) from ``data`` or the trainer's validation (test) dataloader, and
     every point of the curve scores the same samples. Scoring runs in eval mode inside the package's state
@@ -69,7 +73,8 @@ class FisherRobustnessCallback(Callback):
         method: "exact" (default, C - 1 VJPs per sample), "power", "lanczos" or "hutchinson".
         estimator_options: options of the method, e.g. ``{"top_k": 20}`` for 1000 classes.
         data: held-out data (a DataLoader or Dataset); default: the validation dataloader (test for ``test``).
-        input_key: where the input sits in a sample: an index into a tuple or a key into a dict.
+        input_key: where the input sits in a sample: an index into a tuple or a key into a dict; default: the
+            first element of a tuple, or for a dict the first of ``INPUT_KEYS`` it has (else its only tensor).
         model_attribute: score ``getattr(pl_module, model_attribute)`` instead of ``pl_module``.
         output: what the scored model returns: "logits", "probs" or "log_probs".
         batch_size: probes scored at once (bounds memory).
@@ -87,7 +92,7 @@ class FisherRobustnessCallback(Callback):
         method: SpectralMethod = "exact",
         estimator_options: Optional[dict[str, Any]] = None,
         data: Optional[Union[DataLoader, Dataset]] = None,
-        input_key: Union[int, str] = 0,
+        input_key: Optional[Union[int, str]] = None,
         model_attribute: Optional[str] = None,
         output: OutputKind = "logits",
         batch_size: int = 64,
@@ -96,20 +101,25 @@ class FisherRobustnessCallback(Callback):
         num_eigenvectors: int = 4,
         prefix: str = "fim",
     ) -> None:
-        if num_samples < 1:
-            raise MisconfigurationException(f"num_samples must be >= 1, got {num_samples}")
-        if batch_size < 1:
-            raise MisconfigurationException(f"batch_size must be >= 1, got {batch_size}")
-        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
-            if value is not None and value < 1:
-                raise MisconfigurationException(f"{name} must be >= 1 or None, got {value}")
         options = dict(estimator_options or {})
         try:
+            check_int("num_samples", num_samples, 1)
+            check_int("every_n_epochs", every_n_epochs, 1, allow_none=True)
+            check_int("every_n_train_steps", every_n_train_steps, 1, allow_none=True)
             check_estimator_options(method, options)
+            if data is not None and not isinstance(data, (DataLoader, Dataset)):
+                raise TypeError(f"data must be a DataLoader or Dataset, got {type(data).__name__}")
+            if input_key is not None and (isinstance(input_key, bool) or not isinstance(input_key, (int, str))):
+                raise TypeError(f"input_key must be an int, a str or None, got {input_key!r}")
+            check_str("model_attribute", model_attribute, allow_none=True)
+            check_choice("output", output, OUTPUT_KINDS)
+            check_int("batch_size", batch_size, 1)
+            check_int("seed", seed)
+            check_bool("log_figures", log_figures)
+            check_int("num_eigenvectors", num_eigenvectors, 0)
+            check_str("prefix", prefix)
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"FisherRobustnessCallback: {error}") from error
-        if output not in OUTPUT_KINDS:
-            raise MisconfigurationException(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.every_n_train_steps = every_n_train_steps
@@ -130,7 +140,7 @@ class FisherRobustnessCallback(Callback):
         self._generator_state: Tensor = torch.Generator().manual_seed(seed).get_state()
         self._last_epoch = -1
         self._last_step = -1
-        self._latest: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        self._latest: Optional[writers.Snapshot] = None
 
     @property
     def state_key(self) -> str:
@@ -185,13 +195,34 @@ class FisherRobustnessCallback(Callback):
         return inputs.float().contiguous(), indices
 
     def _input_of(self, item: Any) -> Tensor:
-        value = item[self.input_key] if isinstance(item, (tuple, list, dict)) else item
+        value = self._find_input(item)
         if not isinstance(value, Tensor):
             raise MisconfigurationException(
                 f"FisherRobustnessCallback: the held-out samples must hold tensors at input_key={self.input_key!r}, "
                 f"got {type(value).__name__}"
             )
         return value
+
+    def _find_input(self, item: Any) -> Any:
+        if isinstance(item, Mapping):
+            if self.input_key is not None:
+                if self.input_key not in item:
+                    raise MisconfigurationException(
+                        f"FisherRobustnessCallback: input_key={self.input_key!r} is not a key of the held-out "
+                        f"samples; their keys are {list(item)}")
+                return item[self.input_key]
+            key = next((k for k in INPUT_KEYS if k in item), None)
+            tensors = [k for k, v in item.items() if isinstance(v, Tensor) and v.is_floating_point()]
+            if key is None and len(tensors) == 1:
+                key = tensors[0]
+            if key is None:
+                raise MisconfigurationException(
+                    f"FisherRobustnessCallback: cannot tell which entry of the held-out samples is the input: keys "
+                    f"{list(item)}, none of {INPUT_KEYS}; pass input_key=")
+            return item[key]
+        if isinstance(item, (tuple, list)):
+            return item[0 if self.input_key is None else self.input_key]
+        return item
 
     def _scored_model(self, pl_module: pl.LightningModule) -> Any:
         return getattr(pl_module, self.model_attribute) if self.model_attribute else pl_module
@@ -238,16 +269,29 @@ class FisherRobustnessCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=trainer.global_step)
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in stats.items()})
-        self._latest = (values[:, 0], vectors, values[::world, 0])
-        if self.log_figures and trainer.is_global_zero:
-            self._log_wandb_media(trainer, *self._latest)
-            if trainer.state.fn != TrainerFn.FITTING:
-                self._save_figures(trainer, *self._latest)
+        self._latest = writers.Snapshot(
+            prefix=self.prefix, step=trainer.global_step, spectral_norm=values[:, 0], eigenvectors=vectors,
+            eigenvalues=values[::world, 0][: len(vectors)], history=list(self.history), curve_keys=self._curve_keys(),
+        )
+        self._write_figures(trainer, "on_score")
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._write_figures(trainer, "on_end")
         return stats
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _write_figures(self, trainer: pl.Trainer, event: str) -> None:
+        """Figures of the latest evaluation through each logger's writer (`writers`), on global rank 0 only."""
         if self.log_figures and trainer.is_global_zero and self._latest is not None:
-            self._save_figures(trainer, *self._latest)
+            writers.write(trainer, self._latest, event)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_figures(trainer, "on_end")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """An interrupted run (SIGTERM, Ctrl+C, an error) still leaves the figures of its last evaluation."""
+        try:
+            self._write_figures(trainer, "on_end")
+        except Exception as error:  # never hide the exception that stopped the run
+            warnings.warn(f"FisherRobustnessCallback could not write its figures after {exception!r}: {error!r}")
 
     def _score_share(self, share: Tensor, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
         """(n, 3) spectral norm, trace, radius of this rank's probes, and its first top eigenvectors."""
@@ -283,45 +327,11 @@ class FisherRobustnessCallback(Callback):
     def _curve_keys(self) -> list[str]:
         return [f"{self.prefix}/spectral_norm/{stat}" for stat in ("mean", "median", "p90", "max")]
 
-    def _log_wandb_media(self, trainer: pl.Trainer, spectral: Tensor, vectors: Tensor, titles: Tensor) -> None:
-        """At every evaluation: histogram, curves and eigenvector images to each WandbLogger (cheap, no rendering)."""
-        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if not wandb_loggers:
-            return
-        import wandb
-
-        keys = self._curve_keys()
-        media = {
-            f"{self.prefix}/spectral_norm/histogram": wandb.Histogram(spectral.numpy()),
-            f"{self.prefix}/curves": wandb.plot.line_series(
-                xs=[record["step"] for record in self.history], ys=[[r[key] for r in self.history] for key in keys],
-                keys=keys, title="Fisher spectral norm", xname="global_step",
-            ),
-            "trainer/global_step": trainer.global_step,
-        }
-        if figures.is_image_batch(vectors) and len(vectors):
-            media[f"{self.prefix}/eigenvectors"] = [
-                wandb.Image(image, caption=f"lambda_max {value:.3g}")
-                for image, value in zip(figures.as_images(vectors), titles.tolist())
-            ]
-        for logger in wandb_loggers:
-            logger.experiment.log(media)
-
-    def _save_figures(self, trainer: pl.Trainer, spectral: Tensor, vectors: Tensor, titles: Tensor) -> None:
-        """PNG files under `{log_dir}/{prefix}/` for runs with a non-W&B logger (or none): written at the end
-        of `fit` and after standalone validate/test, so rendering never slows training down."""
-        if trainer.loggers and all(isinstance(logger, WandbLogger) for logger in trainer.loggers):
-            return
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / self.prefix
-        step = trainer.global_step
-        figures.save(figures.histogram_figure(spectral, "lambda_max(F(x))"), folder / f"histogram_step{step}.png")
-        figures.save(figures.curves_figure(self.history, self._curve_keys(), "lambda_max(F(x))"), folder / "curves.png")
-        if len(vectors):
-            figures.save(figures.eigenvector_figure(vectors, titles[: len(vectors)]), folder / f"eigenvectors_step{step}.png")
-
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
+            "num_samples": self.num_samples,
+            "seed": self.seed,
             "probe_inputs": self._probe_inputs,
             "probe_indices": self._probe_indices,
             "history": list(self.history),
@@ -331,6 +341,16 @@ class FisherRobustnessCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the saved curve; a checkpoint whose probe set was drawn with another `num_samples` or
+        `seed` starts a new curve (with a warning) instead of silently keeping the old probes."""
+        saved = {name: state_dict.get(name, getattr(self, name)) for name in ("num_samples", "seed")}
+        if saved != {"num_samples": self.num_samples, "seed": self.seed}:
+            rank_zero_warn(
+                f"FisherRobustnessCallback: the checkpoint's probe set was drawn with {saved}, this callback has "
+                f"num_samples={self.num_samples}, seed={self.seed}: starting a new FIM curve (new probe set, empty "
+                "history)"
+            )
+            return
         self._probe_inputs = state_dict["probe_inputs"]
         self._probe_indices = state_dict["probe_indices"]
         self.history = list(state_dict["history"])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -44,14 +45,26 @@ def curves_figure(history: Sequence[dict], keys: Sequence[str], title: str) -> F
     return figure
 
 
-def as_images(vectors: Tensor) -> list[np.ndarray]:
-    """Input-space directions (N, C, H, W) with C in {1, 3} -> HxW(x3) arrays in [0, 1], mid-grey = 0."""
-    images = []
-    for v in vectors.detach().cpu().double():
-        scale = v.abs().max().clamp_min(1e-30)
-        image = (0.5 + 0.5 * v / scale).numpy()
-        images.append(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
-    return images
+GREY = np.array([128, 128, 128], dtype=np.float64)
+RED = np.array([220, 20, 20], dtype=np.float64)
+BLUE = np.array([20, 60, 220], dtype=np.float64)
+
+
+def signed_field(vectors: Tensor) -> Tensor:
+    """(N, C, H, W) directions -> (N, H, W) in [-1, 1]: per pixel the norm over channels with the sign of
+    their sum, divided by the largest magnitude of the image (an eigenvector's sign is arbitrary; its
+    pattern is not)."""
+    v = vectors.detach().cpu().double()
+    field = v.norm(dim=1) * torch.where(v.sum(1) < 0, -1.0, 1.0)
+    return field / field.flatten(1).abs().amax(1).clamp_min(1e-300).view(-1, 1, 1)
+
+
+def signed_rgb(vectors: Tensor) -> np.ndarray:
+    """(N, C, H, W) directions -> (N, H, W, 3) uint8 images: grey where the direction is 0, red where it is
+    positive, blue where negative, saturated at the largest magnitude."""
+    field = signed_field(vectors).numpy()[..., None]
+    colour = GREY + np.where(field > 0, field * (RED - GREY), -field * (BLUE - GREY))
+    return np.rint(colour).astype(np.uint8)
 
 
 def is_image_batch(vectors: Tensor) -> bool:
@@ -59,13 +72,13 @@ def is_image_batch(vectors: Tensor) -> bool:
 
 
 def eigenvector_figure(vectors: Tensor, values: Tensor) -> Figure:
-    """The most sensitive input directions, as images (image inputs) or as profiles (other inputs)."""
+    """The most sensitive input directions, as images (image inputs: `signed_rgb`) or as profiles (others)."""
     count = len(vectors)
     figure = new_figure(2.2 * count, 2.4)
     for i, (vector, value) in enumerate(zip(vectors, values)):
         ax = figure.add_subplot(1, count, i + 1)
         if is_image_batch(vectors):
-            ax.imshow(as_images(vector[None])[0], cmap="coolwarm", vmin=0, vmax=1)
+            ax.imshow(signed_rgb(vector[None])[0], interpolation="nearest")
             ax.set_axis_off()
         else:
             ax.plot(vector.detach().cpu().flatten().double().numpy())

@@ -1,7 +1,8 @@
 """Functional API: pure functions of (model, inputs) -> per-sample values, each inside the state guard.
 
 Common keyword options: `output` ("logits" | "probs" | "log_probs"), `mode` (None = eval with a warning for a
-model in train mode, "eval", "train"), `model_dtype` (e.g. torch.float64 for saturated softmax; parameters
+model in train mode, "eval", "train": BatchNorm with the statistics of the batch held fixed, see `guard`; a
+model with active dropout is refused in train mode, as a random mask has no per-sample Fisher), `model_dtype` (e.g. torch.float64 for saturated softmax; parameters
 are cast on the fly), `dtype` of the small dense algebra (float64). Method options are listed in `METHODS`.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fim_lightning import algorithms
-from fim_lightning.guard import Mode, preserved_state, resolve_mode
+from fim_lightning.guard import Mode, active_dropout, preserved_state, resolve_mode
 from fim_lightning.operator import FisherOperator, OutputKind
 
 SpectralMethod = Literal["exact", "power", "lanczos", "hutchinson"]
@@ -59,8 +60,16 @@ def fisher_operator(
     differentiable: bool = False,
 ) -> Iterator[FisherOperator]:
     """A `FisherOperator` on (model, inputs), valid inside the `with` block, with all caller state guarded."""
-    with preserved_state(model, inputs, mode=resolve_mode(model, mode)):
-        yield FisherOperator(model, inputs, output=output, model_dtype=model_dtype, differentiable=differentiable)
+    mode = resolve_mode(model, mode)
+    dropout = active_dropout(model) if mode == "train" else []
+    if dropout:
+        raise ValueError(
+            f"mode='train' with active dropout ({', '.join(dropout)}) has no per-sample Fisher information: every "
+            "product would draw a new mask. Use mode='eval' (dropout off), or set the dropout probability to 0"
+        )
+    with preserved_state(model, inputs, mode=mode) as passes:
+        yield FisherOperator(model, inputs, output=output, model_dtype=model_dtype, differentiable=differentiable,
+                             passes=passes)
 
 
 def fisher_top_eigenpair(

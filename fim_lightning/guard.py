@@ -3,6 +3,13 @@
 It owns the module training flags, BatchNorm buffers and `track_running_stats`, parameter `.grad` and
 `requires_grad`, the global RNG (CPU and CUDA), grad / inference mode, autocast, the attention kernel and
 the multi-head-attention fast path. Nothing else in the package touches those things.
+
+What a forward pass means per sample is defined here too (`ForwardPasses`). In eval mode samples are
+independent. In `mode="train"` BatchNorm would couple the samples of a batch (every JVP or VJP would move
+the statistics of the others), so F(x_i) is defined as the Fisher of x_i -> model(x_i) with each BatchNorm
+layer normalising by the statistics of the recorded (unperturbed) batch, held fixed: every method then
+estimates the same matrix. Every pass also replays the same random draws, so a penalty's forward passes
+share one dropout mask.
 """
 from __future__ import annotations
 
@@ -28,9 +35,10 @@ def _cuda_devices(model: Callable, tensors: tuple[Tensor, ...]) -> list[int]:
     return sorted(i if i is not None else torch.cuda.current_device() for i in found)
 
 
-def _user_stacklevel() -> int:
+def user_stacklevel() -> int:
     """The stacklevel of the first frame outside this package and contextlib, so warnings point at user code."""
-    internal = (os.path.dirname(__file__), os.path.dirname(contextlib.__file__) + os.sep + "contextlib")
+    internal = (os.path.dirname(__file__), os.path.dirname(contextlib.__file__) + os.sep + "contextlib",
+                os.path.dirname(nn.modules.module.__file__))
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1
@@ -52,18 +60,85 @@ def resolve_mode(model: Callable, mode: Optional[Mode]) -> Mode:
                 "the model is in train mode; the Fisher information is estimated in eval mode and the mode is "
                 "restored afterwards (pass mode='eval' to silence this, or mode='train' to keep dropout and "
                 "batch statistics)",
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
         return "eval"
     return mode
 
 
+def active_dropout(model: Callable) -> list[str]:
+    """Names of the dropout layers of `model` with p > 0 (they draw a random mask in train mode)."""
+    if not isinstance(model, nn.Module):
+        return []
+    return [name or type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+
+
+class ForwardPasses:
+    """Runs the forward passes of one estimate so that they all evaluate the same per-sample function.
+
+    Eval mode: the model as it is. Train mode: `run(..., record=True)` records each BatchNorm layer's batch
+    mean and (biased) variance from that pass; later passes normalise with those statistics, held fixed
+    (with the graph to the parameters where the recording pass had one). Every pass starts from the same
+    RNG state, so dropout draws the same mask in each.
+    """
+
+    def __init__(self, batchnorms: list[_BatchNorm], devices: list[int], train: bool) -> None:
+        self.train = train
+        self._devices = devices
+        self._statistics: dict[int, tuple[Tensor, Tensor]] = {}
+        self._recording = False
+        self._handles = [m.register_forward_hook(self._normalise) for m in batchnorms] if train else []
+        self._rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]) if train else None
+
+    def _normalise(self, module: _BatchNorm, args: tuple, output: Tensor) -> Tensor:
+        x = args[0]
+        if self._recording:
+            dims = [0, *range(2, x.ndim)]
+            self._statistics[id(module)] = (x.mean(dims), x.var(dims, unbiased=False))
+            return output
+        if id(module) not in self._statistics:
+            raise RuntimeError("mode='train': a BatchNorm layer ran before the batch statistics were recorded")
+        mean, var = self._statistics[id(module)]
+        shape = (1, -1, *([1] * (x.ndim - 2)))
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
+        if module.weight is not None:
+            y = y * module.weight.view(shape) + module.bias.view(shape)
+        return y
+
+    @property
+    def needs_recording(self) -> bool:
+        """Train mode with BatchNorm layers whose batch statistics are not recorded yet."""
+        return bool(self._handles) and not self._statistics
+
+    def run(self, forward: Callable[[Tensor], object], x: Tensor, record: bool = False) -> object:
+        """forward(x); in train mode from the recorded RNG state, recording the batch statistics if `record`."""
+        if not self.train:
+            return forward(x)
+        torch.set_rng_state(self._rng[0])
+        for device, state in zip(self._devices, self._rng[1]):
+            torch.cuda.set_rng_state(state, device)
+        self._recording = record
+        try:
+            return forward(x)
+        finally:
+            self._recording = False
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+EVAL_PASSES = ForwardPasses([], [], train=False)
+
+
 @contextmanager
-def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval") -> Iterator[None]:
+def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval") -> Iterator[ForwardPasses]:
     """Run estimation code with grad enabled, in `mode`, and restore all caller-owned state on exit.
 
-    In `mode="train"` BatchNorm layers use batch statistics with `track_running_stats` switched off for the
-    duration, so their running buffers are neither read nor written.
+    Yields the `ForwardPasses` that define a per-sample forward pass in `mode`. In `mode="train"` BatchNorm
+    layers use the recorded batch's statistics with `track_running_stats` switched off for the duration,
+    so their running buffers are neither read nor written.
     """
     modules = list(model.modules()) if isinstance(model, nn.Module) else []
     params = list(model.parameters()) if isinstance(model, nn.Module) else []
@@ -75,8 +150,9 @@ def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval") -> I
     grads = [p.grad for p in params]
     requires_grad = [p.requires_grad for p in params]
     fastpath = torch.backends.mha.get_fastpath_enabled()
+    devices = _cuda_devices(model, tensors)
     with ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(model, tensors)))
+        stack.enter_context(torch.random.fork_rng(devices=devices))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autocast("cpu", enabled=False))
@@ -84,14 +160,17 @@ def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval") -> I
             stack.enter_context(torch.autocast("cuda", enabled=False))
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         torch.backends.mha.set_fastpath_enabled(False)
+        passes = EVAL_PASSES
         try:
             for m in modules:
                 m.training = mode == "train"
             if mode == "train":
                 for m in batchnorms:
                     m.track_running_stats = False
-            yield
+                passes = ForwardPasses(batchnorms, devices, train=True)
+            yield passes
         finally:
+            passes.close()
             torch.backends.mha.set_fastpath_enabled(fastpath)
             for m, flag in zip(modules, training):
                 m.training = flag

@@ -4,14 +4,22 @@ For logits z(x), p = softmax(z), J = dz/dx and M = diag(p) - p p^T: F(x) = J^T M
 softmax(z) = p serves (logits, log-probabilities, log of probabilities). The product with M is taken
 relative to the top class t, M u = p * ((u - u_t) - p . (u - u_t)), so nothing cancels when p_t -> 1; the
 probabilities come from a float64 log-softmax. Factorisations of M live in `algorithms.dual_weights`.
+
+Never a silent wrong number: a sample whose output or Jacobian is not finite is marked invalid, warned about
+by its index and cause, and every algorithm returns NaN for it while the other samples stay exact. Logits
+whose rows are all probability vectors (a model ending in softmax scored with `output="logits"`) warn.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping
 from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor, nn
+
+from fim_lightning.guard import EVAL_PASSES, ForwardPasses, user_stacklevel
 
 OutputKind = Literal["logits", "probs", "log_probs"]
 OUTPUT_KINDS = ("logits", "probs", "log_probs")
@@ -59,25 +67,54 @@ def as_class_scores(out: object, batch_size: int) -> Tensor:
     return scores
 
 
-def check_output_values(scores: Tensor, output: OutputKind) -> None:
-    """Value checks on a detached model output (outside any transform, as they read data)."""
-    if not torch.isfinite(scores).all() and output != "log_probs":
-        raise ValueError("the model output contains NaN or inf")
-    if output == "probs":
-        total = scores.sum(-1)
-        if (scores < 0).any() or not torch.allclose(total, torch.ones_like(total), atol=_NORMALISATION_TOL):
-            raise ValueError(
-                f"output='probs' but the rows are not probability vectors (row sums from {total.min().item():.4g} "
-                f"to {total.max().item():.4g}); pass output='logits' if the model returns logits"
-            )
+def warn_samples(mask: Tensor, cause: str) -> None:
+    """Warn that the samples in `mask` (B,) get NaN, naming their indices in the batch and the cause."""
+    indices = mask.nonzero().flatten().tolist()
+    if indices:
+        shown = ", ".join(map(str, indices[:20])) + (", ..." if len(indices) > 20 else "")
+        warnings.warn(f"sample{'s' if len(indices) > 1 else ''} {shown} of the batch: {cause}; "
+                      "their Fisher values are NaN", RuntimeWarning, stacklevel=user_stacklevel())
+
+
+def looks_like_probabilities(scores: Tensor) -> bool:
+    """Every row non-negative and summing to 1: what a model ending in softmax returns."""
+    total = scores.sum(-1)
+    return bool((scores >= 0).all()) and torch.allclose(total, torch.ones_like(total), atol=_NORMALISATION_TOL)
+
+
+def check_output_values(scores: Tensor, output: OutputKind, warn: bool = True) -> Tensor:
+    """Value checks on a detached model output (outside any transform, as they read data).
+
+    Returns the (B,) mask of rows that are not finite (NaN / inf; -inf is allowed in log-probabilities),
+    warned about by sample index when `warn`. Finite rows that are not what `output` says raise (probs,
+    log_probs) or warn (logits that are all probability vectors)."""
+    invalid = (torch.isnan(scores) | torch.isposinf(scores)).any(-1)
+    if output != "log_probs":
+        invalid |= torch.isneginf(scores).any(-1)
+    if warn:
+        warn_samples(invalid, "the model output is not finite (NaN or inf)")
+    valid = scores[~invalid]
+    if not len(valid):
+        return invalid
+    if output == "probs" and not looks_like_probabilities(valid):
+        total = valid.sum(-1)
+        raise ValueError(
+            f"output='probs' but the rows are not probability vectors (row sums from {total.min().item():.4g} "
+            f"to {total.max().item():.4g}); pass output='logits' if the model returns logits"
+        )
     if output == "log_probs":
-        if torch.isnan(scores).any() or torch.isposinf(scores).any():
-            raise ValueError("the model output contains NaN or +inf")
-        total = scores.logsumexp(-1)
+        total = valid.logsumexp(-1)
         if not torch.allclose(total, torch.zeros_like(total), atol=_NORMALISATION_TOL):
             raise ValueError(
                 "output='log_probs' but logsumexp of the rows is not 0; pass output='logits' if the model returns logits"
             )
+    if output == "logits" and looks_like_probabilities(valid):
+        warnings.warn(
+            f"output='logits' but all {len(valid)} rows are non-negative and sum to 1: the model seems to end in "
+            "softmax. Treated as logits, its Fisher information is far too small; pass output='probs'",
+            RuntimeWarning, stacklevel=user_stacklevel(),
+        )
+    return invalid
 
 
 def logits_from_output(scores: Tensor, output: OutputKind) -> Tensor:
@@ -124,9 +161,14 @@ class FisherOperator:
         model: an `nn.Module` or callable mapping a batch (B, ...) to (B, C) class scores.
         inputs: the batch (B, ...).
         output: what the model returns: "logits", "probs" or "log_probs".
-        model_dtype: evaluate the model in this dtype (parameters are cast on the fly, never in place);
-            default: the inputs' dtype, raised to float32 for half precision.
+        model_dtype: evaluate the model in this dtype (parameters are cast on the fly, never in place):
+            float32 or float64; default: the inputs' dtype, raised to float32 for half precision.
         differentiable: keep the graph to the parameters (for penalties); otherwise parameters are detached.
+        passes: what a forward pass means per sample (`guard.preserved_state` yields it); in train mode the
+            first operator of a guard records the batch statistics, from one forward pass at `inputs`.
+
+    Attributes:
+        invalid: (B,) samples whose output or Jacobian was found non-finite; their results are NaN.
     """
 
     def __init__(
@@ -137,30 +179,38 @@ class FisherOperator:
         output: OutputKind = "logits",
         model_dtype: Optional[torch.dtype] = None,
         differentiable: bool = False,
+        passes: ForwardPasses = EVAL_PASSES,
     ) -> None:
         check_output_kind(output)
         check_inputs(inputs)
         if model_dtype is None:
             model_dtype = torch.promote_types(inputs.dtype, torch.float32)
+        if model_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"model_dtype must be torch.float32 or torch.float64 (half precision is too coarse for "
+                             f"Jacobian products), got {model_dtype}")
         self.inputs = inputs.detach().to(model_dtype).contiguous()
         if self.inputs.is_inference():
             self.inputs = self.inputs.clone()
         self.output = output
         self.differentiable = differentiable
         self._forward = functional_forward(model, model_dtype, differentiable)
+        self._passes = passes
         self._logits: Optional[Tensor] = None
         self._vjp_fn: Optional[Callable] = None
+        self.invalid = torch.zeros(self.batch_size, dtype=torch.bool, device=self.inputs.device)
+        if passes.needs_recording:
+            self._record(*self._logits_and_scores(self.inputs, record=True))
 
     @property
     def batch_size(self) -> int:
         return self.inputs.shape[0]
 
-    def _logits_and_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        scores = as_class_scores(self._forward(x), x.shape[0])
+    def _logits_and_scores(self, x: Tensor, record: bool = False) -> tuple[Tensor, Tensor]:
+        scores = as_class_scores(self._passes.run(self._forward, x, record), x.shape[0])
         return logits_from_output(scores, self.output), scores.detach()
 
     def _record(self, logits: Tensor, scores: Tensor) -> None:
-        check_output_values(scores, self.output)
+        self.invalid = self.invalid | check_output_values(scores, self.output)
         self._logits = logits if self.differentiable else logits.detach()
 
     @property
@@ -172,8 +222,26 @@ class FisherOperator:
 
     @property
     def log_probs(self) -> Tensor:
-        """log p(y | x_i), (B, C), float64."""
-        return log_probs_from_output(self.logits, "logits")
+        """log p(y | x_i), (B, C), float64; uniform for invalid samples (their results are NaN)."""
+        log_probs = log_probs_from_output(self.logits, "logits")
+        if self.invalid.any():
+            log_probs = torch.where(self.invalid[:, None], -math.log(log_probs.shape[1]), log_probs)
+        return log_probs
+
+    def log_probs_at(self, points: Tensor) -> Tensor:
+        """log p(y | points_i), float64, through the same per-sample function (held batch statistics)."""
+        return log_probs_from_output(as_class_scores(self._passes.run(self._forward, points), len(points)), self.output)
+
+    def screen(self, values: Tensor, cause: str) -> Tensor:
+        """`values` (B, ...) with the samples that are or become invalid (a non-finite entry) set to 0."""
+        bad = ~torch.isfinite(values.flatten(1)).all(1)
+        warn_samples(bad & ~self.invalid, cause)
+        self.invalid = self.invalid | bad
+        return values.masked_fill(self.invalid.view(-1, *([1] * (values.ndim - 1))), 0)
+
+    def nan_invalid(self, values: Tensor) -> Tensor:
+        """`values` (B, ...) with NaN for the invalid samples."""
+        return values.masked_fill(self.invalid.view(-1, *([1] * (values.ndim - 1))), float("nan"))
 
     def _reverse(self) -> Callable:
         if self._vjp_fn is None:

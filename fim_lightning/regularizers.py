@@ -11,9 +11,13 @@ returns weight(step) * mean_i R(x_i):
 - `FisherKLPenalty`: d * 2 KL(p(x) || p(x + h u)) / h^2 for a random unit u, which tends to tr F as h -> 0
   (E[u u^T] = I / d); one extra forward pass, the cheapest.
 
-BatchNorm: in the default `mode="train"` the penalty's forward passes use batch statistics with
+BatchNorm: in the default `mode="train"` the penalty's forward passes normalise with the statistics of the
+training batch (recorded once, held fixed for the perturbed passes, see `guard.ForwardPasses`) with
 `track_running_stats` switched off, so running statistics are updated only by the caller's own forward, as
-in plain training. Dropout masks are drawn from a forked RNG. The penalty runs in float32 (autocast off).
+in plain training. Dropout masks are drawn from a forked RNG, the same mask for every pass of one call.
+The penalty runs in float32 (autocast off). The caller's logits are reused only where they are what the
+penalty would compute itself: float32 or better (a bf16 autocast forward differs from the float32 one by far
+more than the KL being measured) and no active dropout in train mode (the caller's mask is not ours).
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from fim_lightning import algorithms
-from fim_lightning.guard import Mode, preserved_state
-from fim_lightning.operator import FisherOperator, OutputKind, check_inputs, log_probs_from_output
+from fim_lightning.guard import EVAL_PASSES, ForwardPasses, Mode, active_dropout, preserved_state
+from fim_lightning.operator import OUTPUT_KINDS, FisherOperator, OutputKind, check_inputs, log_probs_from_output
+from fim_lightning.validation import check_choice, check_int, check_real
 
 
 class FisherPenalty(nn.Module):
@@ -42,12 +47,14 @@ class FisherPenalty(nn.Module):
     def __init__(self, weight: float = 0.1, every_n_steps: int = 1, warmup_steps: int = 0, mode: Mode = "train",
                  output: OutputKind = "logits", seed: int = 0) -> None:
         super().__init__()
-        if weight < 0 or every_n_steps < 1 or warmup_steps < 0:
-            raise ValueError("weight and warmup_steps must be >= 0 and every_n_steps >= 1, got "
-                             f"weight={weight}, every_n_steps={every_n_steps}, warmup_steps={warmup_steps}")
-        self.weight, self.every_n_steps, self.warmup_steps = weight, every_n_steps, warmup_steps
-        self.mode, self.output, self.seed = mode, output, seed
+        self.weight = check_real("weight", weight, 0.0)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.mode = check_choice("mode", mode, ("train", "eval"))
+        self.output = check_choice("output", output, OUTPUT_KINDS)
+        self.seed = check_int("seed", seed)
         self._generator: Optional[torch.Generator] = None
+        self._passes: ForwardPasses = EVAL_PASSES
 
     @property
     def generator(self) -> torch.Generator:
@@ -68,18 +75,30 @@ class FisherPenalty(nn.Module):
         check_inputs(inputs)
         if step is not None and step % self.every_n_steps:
             return inputs.new_zeros(())
-        with preserved_state(model, inputs, mode=self.mode):
-            values = self.per_sample(model, inputs.detach(), logits)
+        if logits is not None and not self._reusable(model, inputs, logits):
+            logits = None
+        with preserved_state(model, inputs, mode=self.mode) as self._passes:
+            try:
+                values = self.per_sample(model, inputs.detach(), logits)
+            finally:
+                self._passes = EVAL_PASSES
         value = values.mean()
         if not torch.isfinite(value):
             raise FloatingPointError(f"{type(self).__name__} is {value.item()} (non-finite Fisher estimate)")
         return (self.weight_at(step) * value).float()
 
+    def _reusable(self, model: Callable, inputs: Tensor, logits: Tensor) -> bool:
+        """The caller's logits stand for ours: float32 or better, one row per input, and no dropout mask of the
+        caller's in them (train mode)."""
+        precise = logits.is_floating_point() and torch.finfo(logits.dtype).eps <= torch.finfo(torch.float32).eps
+        shaped = logits.ndim == 2 and logits.shape[0] == inputs.shape[0]
+        return precise and shaped and not (self.mode == "train" and active_dropout(model))
+
     def per_sample(self, model: Callable, inputs: Tensor, logits: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def _operator(self, model: Callable, inputs: Tensor) -> FisherOperator:
-        return FisherOperator(model, inputs, output=self.output, differentiable=True)
+    def _operator(self, model: Callable, inputs: Tensor, differentiable: bool = True) -> FisherOperator:
+        return FisherOperator(model, inputs, output=self.output, differentiable=differentiable, passes=self._passes)
 
 
 def _quadratic_form(op: FisherOperator, tangent: Tensor) -> Tensor:
@@ -92,11 +111,10 @@ def _quadratic_form(op: FisherOperator, tangent: Tensor) -> Tensor:
 class FisherTracePenalty(FisherPenalty):
     """weight * mean_i tr F(x_i), Hutchinson with `num_probes` Rademacher probes (forward mode)."""
 
-    def __init__(self, num_probes: int = 1, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if num_probes < 1:
-            raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-        self.num_probes = num_probes
+    def __init__(self, num_probes: int = 1, weight: float = 0.1, every_n_steps: int = 1, warmup_steps: int = 0,
+                 mode: Mode = "train", output: OutputKind = "logits", seed: int = 0) -> None:
+        super().__init__(weight, every_n_steps, warmup_steps, mode, output, seed)
+        self.num_probes = check_int("num_probes", num_probes, 1)
 
     def per_sample(self, model, inputs, logits):
         op = self._operator(model, inputs)
@@ -107,40 +125,38 @@ class FisherSpectralPenalty(FisherPenalty):
     """weight * mean_i lambda_max(F(x_i)), through the Rayleigh quotient at an eigenvector found by
     `eigenvector="exact"` (C - 1 VJPs) or `"power"` (`steps` power iterations), both without a graph."""
 
-    def __init__(self, eigenvector: str = "power", steps: int = 3, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if eigenvector not in ("exact", "power") or steps < 1:
-            raise ValueError(f"eigenvector must be 'exact' or 'power' and steps >= 1, got {eigenvector!r}, {steps}")
-        self.eigenvector, self.steps = eigenvector, steps
+    def __init__(self, eigenvector: str = "power", steps: int = 3, weight: float = 0.1, every_n_steps: int = 1,
+                 warmup_steps: int = 0, mode: Mode = "train", output: OutputKind = "logits", seed: int = 0) -> None:
+        super().__init__(weight, every_n_steps, warmup_steps, mode, output, seed)
+        self.eigenvector = check_choice("eigenvector", eigenvector, ("exact", "power"))
+        self.steps = check_int("steps", steps, 1)
 
     def per_sample(self, model, inputs, logits):
-        rng = torch.get_rng_state()  # the same dropout masks for the search and the differentiable pass
+        # the differentiable operator records the batch statistics (with their graph) first; the search reuses
+        # them, and every pass replays the same dropout mask
+        differentiable = self._operator(model, inputs)
         with torch.no_grad():
-            search = FisherOperator(model, inputs, output=self.output)
+            search = FisherOperator(model, inputs, output=self.output, passes=self._passes)
             if self.eigenvector == "exact":
                 v = algorithms.exact_dual(search).eigenvector
             else:
                 v = algorithms.power_iteration(search, max_iter=self.steps, tol=0.0, generator=self.generator).eigenvector
-        torch.set_rng_state(rng)
-        return _quadratic_form(self._operator(model, inputs), v)
+        return _quadratic_form(differentiable, v)
 
 
 class FisherKLPenalty(FisherPenalty):
     """weight * mean_i d * 2 KL(p(x_i) || p(x_i + h u_i)) / h^2, u_i random unit vectors; `step_size` = h in
     input units. Reuses the caller's logits of x when given: one extra forward pass."""
 
-    def __init__(self, step_size: float = 1e-2, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if step_size <= 0:
-            raise ValueError(f"step_size must be > 0, got {step_size}")
-        self.step_size = step_size
+    def __init__(self, step_size: float = 1e-2, weight: float = 0.1, every_n_steps: int = 1, warmup_steps: int = 0,
+                 mode: Mode = "train", output: OutputKind = "logits", seed: int = 0) -> None:
+        super().__init__(weight, every_n_steps, warmup_steps, mode, output, seed)
+        self.step_size = check_real("step_size", step_size, 0.0, strict=True)
 
     def per_sample(self, model, inputs, logits):
         direction = algorithms.random_unit(inputs, self.generator)
-        if logits is None:
-            log_p = self._operator(model, inputs).log_probs
-        else:
-            log_p = log_probs_from_output(logits, self.output)
-        log_q = self._operator(model, inputs + self.step_size * direction).log_probs
+        op = self._operator(model, inputs)  # in train mode: records the batch statistics of `inputs`
+        log_p = op.log_probs if logits is None else log_probs_from_output(logits, self.output)
+        log_q = op.log_probs_at(op.inputs + self.step_size * direction.to(op.inputs.dtype))
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         return inputs[0].numel() * 2 * kl / self.step_size**2

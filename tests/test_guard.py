@@ -52,8 +52,10 @@ def test_user_state_is_untouched(method):
     model = _model_with_user_state()
     x, v = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     before = _snapshot(model)
-    for mode in ("eval", "train"):
-        fl.fisher_spectral_norm(model, x, method, mode=mode, **METHOD_OPTIONS[method])
+    fl.fisher_spectral_norm(model, x, method, mode="eval", **METHOD_OPTIONS[method])
+    with pytest.raises(ValueError, match=r"active dropout \(1\) has no per-sample Fisher"):
+        fl.fisher_spectral_norm(model, x, method, mode="train", **METHOD_OPTIONS[method])
+    fl.fisher_spectral_norm(model[0], x, method, mode="train", **METHOD_OPTIONS[method])  # BatchNorm, no dropout
     fl.fisher_trace(model, x, mode="eval")
     fl.fisher_vector_product(model, x, v, mode="eval")
     fl.fisher_robustness_radius(model, x, mode="eval")
