@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fim_lightning.guard import preserved_state
+from fim_lightning.validation import check_bool, check_choice, check_int, check_real
 
 Norm = Literal["linf", "l2"]
 
@@ -34,10 +35,12 @@ class PGD(nn.Module):
     def __init__(self, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10, norm: Norm = "linf",
                  random_start: bool = True, seed: int = 0) -> None:
         super().__init__()
-        if norm not in ("linf", "l2") or eps <= 0 or steps < 1:
-            raise ValueError(f"norm must be 'linf' or 'l2', eps > 0 and steps >= 1; got {norm!r}, {eps}, {steps}")
-        self.eps, self.step_size, self.steps, self.norm = eps, step_size, steps, norm
-        self.random_start, self.seed = random_start, seed
+        self.eps = check_real("eps", eps, 0.0, strict=True)
+        self.step_size = check_real("step_size", step_size, 0.0, strict=True)
+        self.steps = check_int("steps", steps, 1)
+        self.norm = check_choice("norm", norm, ("linf", "l2"))
+        self.random_start = check_bool("random_start", random_start)
+        self.seed = check_int("seed", seed)
         self._generator: Optional[torch.Generator] = None
 
     def _random_start(self, x: Tensor) -> Tensor:
@@ -87,9 +90,10 @@ class CarliniWagnerL2(nn.Module):
 
     def __init__(self, const: float = 1.0, steps: int = 20, learning_rate: float = 0.01, confidence: float = 0.0) -> None:
         super().__init__()
-        if const <= 0 or steps < 1:
-            raise ValueError(f"const must be > 0 and steps >= 1; got {const}, {steps}")
-        self.const, self.steps, self.learning_rate, self.confidence = const, steps, learning_rate, confidence
+        self.const = check_real("const", const, 0.0, strict=True)
+        self.steps = check_int("steps", steps, 1)
+        self.learning_rate = check_real("learning_rate", learning_rate, 0.0, strict=True)
+        self.confidence = check_real("confidence", confidence, 0.0)
 
     def forward(self, model: Callable, x: Tensor, labels: Optional[Tensor] = None,
                 target_log_probs: Optional[Tensor] = None) -> Tensor:
@@ -115,7 +119,9 @@ class TradesPenalty(nn.Module):
 
     def __init__(self, beta: float = 6.0, attack: Optional[PGD] = None) -> None:
         super().__init__()
-        self.beta = beta
+        self.beta = check_real("beta", beta, 0.0)
+        if attack is not None and not isinstance(attack, PGD):
+            raise TypeError(f"attack must be a PGD, got {type(attack).__name__}")
         self.attack = attack if attack is not None else PGD(eps=8 / 255, step_size=2 / 255, steps=10)
 
     def forward(self, model: Callable, inputs: Tensor, step: Optional[int] = None,

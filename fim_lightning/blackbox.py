@@ -40,6 +40,7 @@ from torch import Tensor
 from fim_lightning.algorithms import default_generator, dual_weights
 from fim_lightning.operator import OutputKind, as_class_scores, check_inputs, check_output_kind, \
     check_output_values, log_probs_from_output, warn_samples
+from fim_lightning.validation import check_int, check_real
 
 
 Difference = Literal["central", "forward"]
@@ -134,6 +135,10 @@ def blackbox_fisher(
     """
     check_output_kind(output)
     check_inputs(inputs)
+    check_int("num_queries", num_queries)
+    check_int("max_batch", max_batch, 1)
+    if step is not None:
+        check_real("step", step, 0.0, strict=True)
     x = inputs.detach()
     batch, dim = x.shape[0], x[0].numel()
     if difference not in ("central", "forward"):

@@ -10,6 +10,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from fim_lightning.functional import SpectralMethod, check_estimator_options, fisher_spectral_norm
 from fim_lightning.operator import OUTPUT_KINDS, OutputKind
+from fim_lightning.validation import check_choice, check_real
 
 Reduction = Union[str, float]
 _REDUCTIONS = ("mean", "median", "max", "none")
@@ -34,8 +35,8 @@ def check_reduction(reduction: Reduction) -> None:
     if isinstance(reduction, str):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS} or a quantile in [0, 1], got {reduction!r}")
-    elif not 0.0 <= float(reduction) <= 1.0:
-        raise ValueError(f"a quantile reduction must lie in [0, 1], got {reduction}")
+    else:
+        check_real("a quantile reduction", reduction, 0.0, maximum=1.0)
 
 
 class FisherSpectralNorm(Metric):
@@ -74,8 +75,7 @@ class FisherSpectralNorm(Metric):
     ) -> None:
         super().__init__(**kwargs)
         check_estimator_options(method, estimator_options or {})
-        if output not in OUTPUT_KINDS:
-            raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
+        check_choice("output", output, OUTPUT_KINDS)
         check_reduction(reduction)
         self.method = method
         self.reduction = reduction

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from fim_lightning.validation import check_int
+
 
 class ImageClassifier(pl.LightningModule):
     """Wraps any classifier `net` (pixels in [0, 1] -> logits) with cross-entropy training.
@@ -22,6 +24,11 @@ class ImageClassifier(pl.LightningModule):
 
     def __init__(self, net: nn.Module, num_classes: int, optimizer: Optional[Callable] = None) -> None:
         super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+        check_int("num_classes", num_classes, 2)
+        if optimizer is not None and not callable(optimizer):
+            raise TypeError(f"optimizer must be a callable (a partial optimizer) or None, got {optimizer!r}")
         self.net = net
         self.optimizer_factory = optimizer
         self.train_accuracy = MulticlassAccuracy(num_classes)
@@ -71,6 +78,9 @@ class FisherRegularizedClassifier(ImageClassifier):
     def __init__(self, net: nn.Module, num_classes: int, penalty: Optional[nn.Module] = None,
                  adversarial: Optional[nn.Module] = None, optimizer: Optional[Callable] = None) -> None:
         super().__init__(net, num_classes, optimizer)
+        for name, value in (("penalty", penalty), ("adversarial", adversarial)):
+            if value is not None and not isinstance(value, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module (a penalty or attack) or None, got {type(value).__name__}")
         self.penalty = penalty
         self.adversarial = adversarial
 

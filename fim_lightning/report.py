@@ -30,21 +30,52 @@ SCORES = ("radius", "lambda_max", "lambda_max_blackbox", "trace", "bound", "grad
 
 
 def read_table(paths: Iterable[Path]) -> Table:
-    """Concatenate CSV files with the same header into one table; numeric columns become floats."""
+    """Concatenate evaluation CSV files into one table; numeric columns become floats.
+
+    Each file is read once (paths are resolved, so overlapping folders cannot count a run twice) and its
+    rows are deduplicated by sample identity (`META`, split, index). Files may have different columns (a run without attacks
+    has no attack columns): missing cells are empty (NaN). A file that is not a well-formed CSV raises a
+    `ValueError` that names it. Every row carries its file as `run`."""
     rows: list[dict[str, str]] = []
-    for path in paths:
-        with open(path, newline="") as handle:
-            rows.extend(csv.DictReader(handle))
+    names: dict[str, None] = {}
+    for path in dict.fromkeys(Path(p).resolve() for p in paths):
+        file_rows = _read_csv(path)
+        seen: set[tuple] = set()
+        for row in file_rows:
+            key = tuple(row.get(name) for name in (*META, "split", "index"))
+            if key in seen and row.get("index") is not None:
+                continue
+            seen.add(key)
+            rows.append({**row, "run": str(path.parent)})
+        names.update(dict.fromkeys(file_rows[0] if file_rows else []))
     if not rows:
         raise FileNotFoundError("no rows: the evaluation CSV files are missing or empty")
     table: Table = {}
-    for name in rows[0]:
-        values = [row[name] for row in rows]
+    for name in [*names, "run"]:
+        values = [row.get(name, "") for row in rows]
         try:
             table[name] = np.array([float(v) if v != "" else np.nan for v in values])
         except ValueError:
             table[name] = np.array(values)
     return table
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of one CSV file, or a `ValueError` naming the file and what is wrong with it."""
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            header = reader.fieldnames
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: not a readable CSV file ({error})") from error
+    if not header:
+        raise ValueError(f"{path}: empty file, no header")
+    for number, row in enumerate(rows, start=2):
+        if None in row or any(value is None for value in row.values()):
+            raise ValueError(f"{path}: line {number} does not have the header's {len(header)} fields (truncated "
+                             "or ragged file)")
+    return rows
 
 
 def write_table(table: Table, path: Path) -> Path:

@@ -30,8 +30,39 @@ def run_label(run: Path) -> str:
     return run.name
 
 
+def run_folders(runs: object) -> list[Path]:
+    """`runs` as a list of existing folders: one path (`runs=multirun/x`) or a list (`runs=[a,b]`)."""
+    folders = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    missing = [str(folder) for folder in folders if not Path(folder).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"fim-report: no such run folder(s): {missing}")
+    return [Path(folder) for folder in folders]
+
+
+def score_files(folders: list[Path]) -> list[Path]:
+    """Every `scores.csv` under the folders, each once (overlapping or repeated folders count once)."""
+    files = sorted({path.resolve() for folder in folders for path in folder.rglob("scores.csv")})
+    if not files:
+        raise FileNotFoundError(
+            f"fim-report: no scores.csv under {[str(f) for f in folders]}. Per-sample scores come from "
+            "`fim-train ... evaluation=default` or `fim-evaluate run_dir=...`; a plain fim-train run has none")
+    return files
+
+
+def unsupported(table: report.Table, columns: dict[str, str]) -> list[str]:
+    """Lines naming the runs that lack a column, and what the report cannot say for them."""
+    lines = []
+    for column, what in columns.items():
+        present = table[column] if column in table else np.full(len(table["run"]), np.nan)
+        lacking = sorted({run for run, value in zip(table["run"], present) if not np.isfinite(float(value))})
+        if lacking:
+            lines.append(f"- no `{column}` in {len(lacking)} run(s) ({', '.join(lacking[:5])}"
+                         f"{', ...' if len(lacking) > 5 else ''}): {what} leave them out")
+    return lines
+
+
 def build_report(cfg: DictConfig) -> str:
-    files = sorted(path for folder in cfg.runs for path in Path(folder).rglob("scores.csv"))
+    files = score_files(run_folders(cfg.runs))
     table = report.read_table(files)
     out = Path(cfg.output_dir)
     seeds = sorted(set(table["seed"].astype(int).tolist()))
@@ -39,24 +70,31 @@ def build_report(cfg: DictConfig) -> str:
              f"{len(files)} runs, {len(table['index'])} evaluated samples, seeds {seeds}; data: "
              f"{', '.join(sorted(set(table['data'])))}. Inputs are pixels in [0, 1] with normalisation inside the "
              f"model: every score and attack is taken in that space. Machine: {machine()}.\n"]
+    gaps = unsupported(table, {cfg.target: "per-sample correlations with it",
+                               "pgd_linf_robust": "PGD L-inf accuracy rankings", "pgd_l2_robust": "PGD L2 accuracy rankings"})
+    if gaps:
+        lines += ["## What these runs cannot support\n", *gaps, ""]
 
-    samples = report.sample_correlations(table, cfg.scores, cfg.target, GROUP, cfg.draws)
-    lines += [f"## Per sample: correlation with `{cfg.target}`\n",
-              f"Correctly classified samples with finite values; mean over seeds of the per-seed correlation, "
-              f"95% bootstrap interval over seeds and samples ({cfg.draws} draws). Larger radius / CLEVER / "
-              f"margin and smaller lambda_max / trace / bound / grad_norm predict a larger minimal perturbation.\n",
-              report.markdown(samples, [*GROUP, "score", "samples", "seeds", "spearman", "kendall", "pearson"]), ""]
+    if cfg.target in table:
+        samples = report.sample_correlations(table, cfg.scores, cfg.target, GROUP, cfg.draws)
+        lines += [f"## Per sample: correlation with `{cfg.target}`\n",
+                  f"Correctly classified samples with finite values; mean over seeds of the per-seed correlation, "
+                  f"95% bootstrap interval over seeds and samples ({cfg.draws} draws). Larger radius / CLEVER / "
+                  f"margin and smaller lambda_max / trace / bound / grad_norm predict a larger minimal perturbation.\n",
+                  report.markdown(samples, [*GROUP, "score", "samples", "seeds", "spearman", "kendall", "pearson"]), ""]
 
     summaries = report.model_summaries(table, GROUP)
-    report.write_table({name: np.array([row.get(name, np.nan) for row in summaries]) for name in summaries[0]},
+    summary_names = list(dict.fromkeys(name for row in summaries for name in row))
+    report.write_table({name: np.array([row.get(name, np.nan) for row in summaries]) for name in summary_names},
                        out / "models.csv")
-    summary_columns = [*GROUP, "seed", *[name for name in report.MODEL_SUMMARIES if name in summaries[0]]]
+    summary_columns = [*GROUP, "seed", *[name for name in report.MODEL_SUMMARIES if name in summary_names]]
     lines += ["## Per run\n", report.markdown(summaries, summary_columns), ""]
 
+    present = {name for row in summaries for name in row}
     outcomes = [name for name in ("PGD L-inf accuracy", "PGD L2 accuracy", "median min perturbation")
-                if name in summaries[0]]
+                if name in present]
     scores = [name for name in ("median lambda_max", "mean lambda_max", "median radius", "median bound",
-                                "median grad_norm") if name in summaries[0]]
+                                "median grad_norm") if name in present]
     stages = list(dict.fromkeys(row["stage"] for row in summaries))
     across = [{"stage": stage, **row} for stage in stages for row in report.model_correlations(
         [r for r in summaries if r["stage"] == stage], scores, outcomes, GROUP, cfg.draws)]
@@ -64,7 +102,7 @@ def build_report(cfg: DictConfig) -> str:
         lines += ["## Across models: ranking by score against ranking by attack\n",
                   "Per stage; seed-averaged per-model values; 95% bootstrap interval over seeds within each model.\n",
                   report.markdown(across, ["stage", "score", "outcome", "models", "spearman", "kendall"]), ""]
-    if "median bound" in summaries[0]:
+    if "median bound" in present:
         lines += ["## Theoretical ranking: the architecture bound against lambda_max and attacks\n"]
         for stage in stages:
             chosen = [r for r in summaries if r["stage"] == stage]
@@ -78,9 +116,10 @@ def build_report(cfg: DictConfig) -> str:
     for score in ("radius", "lambda_max"):
         if score in table and cfg.target in table:
             save(report.scatter_figure(table, score, cfg.target), out / f"scatter_{score}.png")
-    if outcomes and "median lambda_max" in summaries[0]:
+    if outcomes and "median lambda_max" in present:
         save(report.ranking_figure(summaries, "median lambda_max", outcomes[0], GROUP), out / "ranking.png")
-    histories = {run_label(path.parent): path for folder in cfg.runs for path in Path(folder).rglob("fim_history.json")}
+    histories = {run_label(path.parent): path for path in sorted({p.resolve() for folder in run_folders(cfg.runs)
+                                                                  for p in folder.rglob("fim_history.json")})}
     if histories:
         save(report.curves_from_runs(histories), out / "fim_curves.png")
     text = "\n".join(lines)

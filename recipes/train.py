@@ -8,13 +8,17 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fim_lightning import FisherRobustnessCallback
 from fim_lightning.figures import curves_figure, save
@@ -30,6 +34,18 @@ def curve_table(history: list[dict]) -> str:
     for r in history:
         lines.append(f"| {r['stage']} | {r['epoch']} | {r['step']} | " + " | ".join(f"{r[c]:.4g}" for c in columns) + " |")
     return "\n".join(lines)
+
+
+def write_fim_outputs(fisher: Optional[FisherRobustnessCallback], output_dir: Path) -> None:
+    """The FIM curve as a table (printed), its plot and `fim_history.json`."""
+    if fisher is None:
+        return
+    keys = [f"{fisher.prefix}/spectral_norm/{s}" for s in ("mean", "median", "p90")]
+    plot = save(curves_figure(fisher.history, keys, "lambda_max(F(x))"), output_dir / "fim_curve.png")
+    (output_dir / "fim_history.json").write_text(json.dumps(fisher.history, indent=1))
+    print("\nFisher spectral norm over training (probe set of", fisher.num_samples, "held-out samples):")
+    print(curve_table(fisher.history))
+    print(f"plot: {plot}")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -49,18 +65,18 @@ def train(cfg: DictConfig) -> dict:
     if evaluation is not None and cfg.evaluate.at_init and first_process:
         tables.append(evaluate_split(evaluation, module.net, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
                                      cfg.tags, "init", cfg.seed))
-    trainer.fit(module, datamodule=datamodule)
+    fisher = next((c for c in callbacks if isinstance(c, FisherRobustnessCallback)), None)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except SIGTERMException:  # Lightning exits 0 on SIGTERM: keep the curve so far and tell the scheduler
+        if trainer.is_global_zero:
+            write_fim_outputs(fisher, output_dir)
+            print("stopped by SIGTERM", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     results = trainer.test(module, datamodule=datamodule, verbose=False)
     if not trainer.is_global_zero:
         return results[0]
-    fisher = next((c for c in callbacks if isinstance(c, FisherRobustnessCallback)), None)
-    if fisher is not None:
-        keys = [f"{fisher.prefix}/spectral_norm/{s}" for s in ("mean", "median", "p90")]
-        plot = save(curves_figure(fisher.history, keys, "lambda_max(F(x))"), output_dir / "fim_curve.png")
-        (output_dir / "fim_history.json").write_text(json.dumps(fisher.history, indent=1))
-        print("\nFisher spectral norm over training (probe set of", fisher.num_samples, "held-out samples):")
-        print(curve_table(fisher.history))
-        print(f"plot: {plot}")
+    write_fim_outputs(fisher, output_dir)
     print(f"\ntest accuracy {results[0].get('test/acc', float('nan')):.4f}")
     if evaluation is not None:
         tables.append(evaluate_split(evaluation, module.net, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
