@@ -1,4 +1,7 @@
 """A tiny Lightning classifier and data, importable by spawned DDP workers."""
+import os
+import signal
+
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -57,3 +60,14 @@ def trainer(tmp_path, callbacks=(), **kwargs):
                    default_root_dir=str(tmp_path), log_every_n_steps=1, deterministic=True)
     options.update(kwargs)
     return pl.Trainer(callbacks=list(callbacks), **options)
+
+
+class SigtermAtStep(pl.Callback):
+    """Sends SIGTERM to its own process after optimizer step `step`, as a scheduler stopping the job would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
