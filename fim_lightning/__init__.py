@@ -23,9 +23,11 @@ from fim_lightning.guard import preserved_state
 from fim_lightning.metric import FisherSpectralNorm
 from fim_lightning.regularizers import FisherKLPenalty, FisherPenalty, FisherSpectralPenalty, FisherTracePenalty
 from fim_lightning.operator import FisherOperator
+from fim_lightning.writers import FigureWriter, register_figure_writer
 
 __all__ = [
     "BlackBoxEstimate",
+    "FigureWriter",
     "FisherKLPenalty",
     "FisherOperator",
     "FisherPenalty",
@@ -50,5 +52,6 @@ __all__ = [
     "fisher_vector_product",
     "numpy_predictor",
     "preserved_state",
+    "register_figure_writer",
 ]
 __version__ = "0.1.0"

@@ -256,7 +256,6 @@ def test_wandb_gets_eigenvector_images_for_image_inputs(tmp_path, monkeypatch):
     run_dir = Path(logger.experiment.dir).parent
     logger.experiment.finish()  # the logger's own run: flushes its .wandb file
     rows = read_wandb_history(next(run_dir.glob("*.wandb")))
-    print("DEBUG", len(rows), next(run_dir.glob("*.wandb")).stat().st_size, [sorted(r)[:3] for r in rows][-3:])
     media = [row for row in rows if "fim/eigenvectors/count" in row]
     assert len(media) == 1 and media[0]["fim/eigenvectors/count"] == 3
     assert list((run_dir / "files" / "media" / "images").rglob("eigenvectors_*.png"))  # W&B tiles the 3 into one file

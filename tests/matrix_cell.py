@@ -1,0 +1,136 @@
+"""One cell of the configuration matrix (`tests/test_matrix.py`), run as users run it: a script launched with
+`python tests/matrix_cell.py OUT --precision ... --devices ... --loggers ... --penalty ...`, Lightning's own
+`ddp` strategy starting the other processes. The model's weights never change (SGD with lr 0, BatchNorm with
+momentum 0), so every cell must log the same Fisher numbers; the script writes what the test compares:
+`result.json` (rank 0: the callback's history, the metric per validation epoch, the logger folders),
+`penalties.pt` (rank 0: each training batch and its penalty) and `writer_calls_rank{r}.json` (every rank).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fim_lightning as fl
+from fim_lightning import writers
+from fim_lightning.module import FisherRegularizedClassifier
+from tests.lightning_helpers import blobs
+
+PENALTIES = {"kl": lambda: fl.FisherKLPenalty(), "spectral": lambda: fl.FisherSpectralPenalty(eigenvector="exact")}
+
+
+def build_net() -> nn.Module:
+    """A small CNN on 1x6x6 images with non-trivial BatchNorm statistics that training never moves."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=0.0), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 36, 4))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.2, 0.2)
+        net[1].running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def images(n: int, seed: int) -> TensorDataset:
+    data = blobs(n=n, dim=36, seed=seed)
+    return TensorDataset(data.tensors[0].view(-1, 1, 6, 6), data.tensors[1])
+
+
+class RecordingPenalty(nn.Module):
+    """The penalty, with each batch and value kept (the test recomputes them on one process in float32)."""
+
+    def __init__(self, penalty: nn.Module) -> None:
+        super().__init__()
+        self.penalty = penalty
+        self.records: list[tuple[torch.Tensor, float]] = []
+
+    def forward(self, model, inputs, step=None, logits=None):
+        value = self.penalty(model, inputs, step=step, logits=logits)
+        self.records.append((inputs.detach().cpu().clone(), value.item()))
+        return value
+
+
+class MatrixModule(FisherRegularizedClassifier):
+    """`FisherRegularizedClassifier` with the `FisherSpectralNorm` metric in its `validation_step`."""
+
+    def __init__(self, penalty: str) -> None:
+        super().__init__(build_net(), 4, RecordingPenalty(PENALTIES[penalty]()),
+                         optimizer=partial(torch.optim.SGD, lr=0.0))
+        self.val_fim = fl.FisherSpectralNorm()
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.val_fim.update(self.net, batch[0])
+        self.log("val_fim", self.val_fim, on_epoch=True)
+
+
+class MetricRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        self.values.append(trainer.callback_metrics["val_fim"].item())
+
+
+def make_loggers(names: list[str], out: Path) -> list:
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    makers = {"csv": lambda: CSVLogger(str(out), name="csv"),
+              "tensorboard": lambda: TensorBoardLogger(str(out), name="tb"),
+              "wandb": lambda: WandbLogger(save_dir=str(out), offline=True, project="fim-matrix")}
+    return [makers[name]() for name in names if name != "none"]
+
+
+def logger_folders(loggers: list) -> dict[str, str]:
+    folders = {}
+    for logger in loggers:
+        name = type(logger).__name__
+        folders[name] = str(Path(logger.experiment.dir).parent) if name == "WandbLogger" else logger.log_dir
+    return folders
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--loggers", default="csv")
+    parser.add_argument("--penalty", default="kl", choices=sorted(PENALTIES))
+    args = parser.parse_args()
+
+    calls: list[str] = []
+    write = writers.write
+
+    def counted(trainer, snapshot, event):
+        calls.append(event)
+        write(trainer, snapshot, event)
+
+    writers.write = counted
+    loggers = make_loggers(args.loggers.split(","), args.out)
+    recorder = MetricRecorder()
+    callback = fl.FisherRobustnessCallback(model_attribute="net")  # the defaults a user gets, figures on
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+        precision=args.precision, max_epochs=2, logger=loggers or False, callbacks=[callback, recorder],
+        default_root_dir=str(args.out), enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1,
+    )
+    module = MatrixModule(args.penalty)
+    trainer.fit(module, DataLoader(images(64, 0), batch_size=16), DataLoader(images(48, 1), batch_size=16))
+    rank = trainer.global_rank
+    (args.out / f"writer_calls_rank{rank}.json").write_text(json.dumps(calls))
+    if rank == 0:
+        torch.save(module.penalty.records, args.out / "penalties.pt")
+        torch.save(callback.state_dict()["probe_inputs"], args.out / "probes.pt")
+        result = {"history": callback.history, "val_fim": recorder.values, "loggers": logger_folders(loggers),
+                  "world_size": trainer.world_size}
+        (args.out / "result.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

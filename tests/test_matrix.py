@@ -1,0 +1,170 @@
+"""The configuration matrix: every used-by path with a user's defaults, in the configurations users train in.
+
+Paths, in every cell: `FisherRobustnessCallback()` with its defaults (figures on) in `fit`, the
+`FisherSpectralNorm` metric in `validation_step`, and a Fisher penalty in `FisherRegularizedClassifier`'s
+`training_step`. Axes: precision (32-true, bf16-mixed), processes (1, or 2 under Lightning's `ddp` on gloo,
+launched by Lightning from the script `tests/matrix_cell.py`), loggers (CSV, TensorBoard, W&B offline, several,
+none). Six cells cover every pair of values of two axes except W&B in one process, which
+`tests/test_callback.py` covers:
+
+| cell | precision | processes | loggers | penalty |
+|---|---|---|---|---|
+| A (reference) | 32-true | 1 | CSV | FisherKLPenalty |
+| B | bf16-mixed | 1 | TensorBoard | FisherKLPenalty |
+| C | 32-true | 2 | TensorBoard + W&B | FisherSpectralPenalty (exact) |
+| D | bf16-mixed | 2 | CSV + TensorBoard + W&B | FisherKLPenalty |
+| E | bf16-mixed | 1 | none | FisherSpectralPenalty (exact) |
+| F | 32-true | 2 | CSV | FisherSpectralPenalty (exact) |
+
+The weights never change (SGD with lr 0, BatchNorm momentum 0), so each cell must log the same numbers:
+- every logged FIM statistic equals an independent float32 computation on one process
+  (`fl.fisher_scores` on the probe set) and cell A's, to rel 1e-5: scoring runs in float32 with autocast off
+  in every cell and the gather is exact, so only the float32 rounding of a different batch split can differ
+  (about 1e-7);
+- the metric equals `fl.fisher_spectral_norm` over all validation samples (rel 1e-5, same reason);
+- each penalty that rank 0 computed equals the same penalty recomputed on one process in float32 on that
+  rank's batch: rel 1e-4 for the spectral penalty, 1e-3 for the KL penalty (a KL at h = 1e-2 is a difference
+  of float32 log-probabilities about 1e-3 apart, rounded at 1e-7: 1e-4 relative);
+- figures are written by rank 0 only, and every image shows a signed direction: red and blue pixels, the
+  largest magnitude saturated, many levels (a black or constant image fails).
+Each cell runs in a subprocess with a 300 s timeout, so a hang fails instead of blocking CI.
+"""
+import json
+import os
+import subprocess
+import sys
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fim_lightning as fl
+from fim_lightning import figures
+from fim_lightning.callback import _SCORES, summarize
+from tests.matrix_cell import PENALTIES, build_net, images
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = {
+    "A": {"precision": "32-true", "devices": 1, "loggers": "csv", "penalty": "kl"},
+    "B": {"precision": "bf16-mixed", "devices": 1, "loggers": "tensorboard", "penalty": "kl"},
+    "C": {"precision": "32-true", "devices": 2, "loggers": "tensorboard,wandb", "penalty": "spectral"},
+    "D": {"precision": "bf16-mixed", "devices": 2, "loggers": "csv,tensorboard,wandb", "penalty": "kl"},
+    "E": {"precision": "bf16-mixed", "devices": 1, "loggers": "none", "penalty": "spectral"},
+    "F": {"precision": "32-true", "devices": 2, "loggers": "csv", "penalty": "spectral"},
+}
+PENALTY_RTOL = {"kl": 1e-3, "spectral": 1e-4}
+
+
+def run_cell(name: str, out: Path) -> dict:
+    cell = CELLS[name]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "tests" / "matrix_cell.py"), str(out), "--precision", cell["precision"],
+               "--devices", str(cell["devices"]), "--loggers", cell["loggers"], "--penalty", cell["penalty"]]
+    done = subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cell_A") / "run"
+    return run_cell("A", out), out
+
+
+def expected_statistics(probes: torch.Tensor) -> dict[str, float]:
+    scores = fl.fisher_scores(build_net(), probes, mode="eval")
+    stats = {}
+    for name in _SCORES:
+        stats.update(summarize(getattr(scores, name).double(), f"fim/{name}"))
+    return stats
+
+
+def assert_shows_a_direction(rgb: np.ndarray, where: str) -> None:
+    """Red and blue pixels, the largest magnitude saturated, and many levels."""
+    pixels = rgb.reshape(-1, 3).astype(int)
+    red, blue = pixels[:, 0] - pixels[:, 2] > 60, pixels[:, 2] - pixels[:, 0] > 60
+    assert red.any() and blue.any(), f"{where}: no signed colours"
+    saturated = (pixels == figures.RED).all(1) | (pixels == figures.BLUE).all(1)
+    assert saturated.any(), f"{where}: the largest magnitude is not drawn saturated"
+    assert len(np.unique(pixels, axis=0)) >= 8, f"{where}: fewer than 8 levels"
+
+
+def png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def check_png_files(folder: Path) -> None:
+    names = {p.name for p in folder.iterdir()}
+    assert {"curves.png", "histogram_step8.png", "eigenvectors_step8.png"} <= names or \
+        {"curves.png", "histogram_step4.png", "eigenvectors_step4.png"} <= names, names
+    (eigenvectors,) = folder.glob("eigenvectors_step*.png")
+    assert_shows_a_direction(png(eigenvectors), str(eigenvectors))
+
+
+def check_tensorboard(folder: Path, evaluations: int) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    assert len(events.Histograms("fim/spectral_norm/histogram")) == evaluations
+    summaries = events.Images("fim/eigenvectors")
+    assert len(summaries) == evaluations
+    for summary in summaries:
+        assert_shows_a_direction(np.asarray(Image.open(BytesIO(summary.encoded_image_string)).convert("RGB")),
+                                 f"TensorBoard image at step {summary.step}")
+    scalars = events.Scalars("fim/spectral_norm/mean")
+    assert len(scalars) == evaluations
+
+
+def check_wandb(run_dir: Path) -> None:
+    assert len(list(run_dir.parent.glob("*run-*"))) == 1  # one W&B run: rank 0's
+    files = sorted((run_dir / "files" / "media" / "images" / "fim").glob("eigenvectors_*.png"))
+    assert len(files) == 8  # 4 eigenvectors at each of 2 evaluations
+    for path in files:
+        assert_shows_a_direction(png(path), str(path))
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_cell_logs_the_reference_numbers_and_shows_the_directions(name, reference, tmp_path):
+    cell = CELLS[name]
+    result, out = reference if name == "A" else (run_cell(name, tmp_path / "run"), tmp_path / "run")
+    reference_result, reference_out = reference
+    assert result["world_size"] == cell["devices"]
+
+    probes = torch.load(out / "probes.pt")
+    torch.testing.assert_close(probes, torch.load(reference_out / "probes.pt"), rtol=0, atol=0)
+    expected = expected_statistics(probes)
+    assert len(result["history"]) == 2  # one evaluation per epoch
+    for record, first in zip(result["history"], reference_result["history"]):
+        for key, value in expected.items():
+            assert record[key] == pytest.approx(value, rel=1e-5), key
+            assert record[key] == pytest.approx(first[key], rel=1e-5), key
+
+    validation = torch.cat([x for x, _ in torch.utils.data.DataLoader(images(48, 1), batch_size=48)])
+    metric = fl.fisher_spectral_norm(build_net().eval(), validation).mean().item()
+    assert result["val_fim"] == pytest.approx([metric, metric], rel=1e-5)
+
+    records = torch.load(out / "penalties.pt")
+    assert len(records) == 8 // cell["devices"]
+    recompute = PENALTIES[cell["penalty"]]()
+    net = build_net()
+    for inputs, value in records:
+        assert value == pytest.approx(recompute(net, inputs).item(), rel=PENALTY_RTOL[cell["penalty"]])
+
+    for rank in range(cell["devices"]):
+        calls = json.loads((out / f"writer_calls_rank{rank}.json").read_text())
+        assert calls == (["on_score", "on_score", "on_end"] if rank == 0 else [])
+    folders = result["loggers"]
+    loggers = cell["loggers"].split(",")
+    if "csv" in loggers:
+        check_png_files(Path(folders["CSVLogger"]) / "fim")
+    if "tensorboard" in loggers:
+        check_tensorboard(Path(folders["TensorBoardLogger"]), evaluations=2)
+    if "wandb" in loggers:
+        check_wandb(Path(folders["WandbLogger"]))
+    if loggers == ["none"]:
+        check_png_files(out / "fim")
