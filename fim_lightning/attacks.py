@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterator, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -167,12 +167,26 @@ def _pgd(classifier, norm: Norm, eps, steps: int, step_size, batch_size: int, ra
 
 
 def pgd_robust(model: nn.Module, images: Tensor, labels: Tensor, *, norm: Norm, eps: float, steps: int = 20,
-               step_size: Optional[float] = None, batch_size: int = 128, seed: int = 0) -> np.ndarray:
-    """Per sample: still correctly classified after PGD with one random start (ART), (N,) bool."""
+               step_size: Optional[float] = None, batch_size: int = 128, seed: int = 0,
+               seeds: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Per sample: still correctly classified after PGD with one random start (ART), (N,) bool. With `seeds`
+    (one per sample) each sample's random start is drawn from its own seed, so its outcome does not depend
+    on the batch it is attacked in (one ART call per sample)."""
     x, y = images.detach().cpu().numpy(), labels.cpu().numpy()
     with art_classifier(model, images, seed) as classifier:
-        adversarial = _pgd(classifier, norm, eps, steps, step_size or eps / 4, batch_size).generate(x=x, y=y)
+        attack = _pgd(classifier, norm, eps, steps, step_size or eps / 4, batch_size)
+        if seeds is None:
+            adversarial = attack.generate(x=x, y=y)
+        else:
+            adversarial = np.concatenate([_seeded(s, attack.generate, x=x[i : i + 1], y=y[i : i + 1])
+                                          for i, s in enumerate(seeds)])
         return classifier.predict(adversarial, batch_size=batch_size).argmax(1) == y
+
+
+def _seeded(seed: int, function: Callable, *args, **kwargs):
+    """function(...) with NumPy's global RNG (ART's source) seeded with `seed` (restored by `art_classifier`)."""
+    np.random.seed(seed)
+    return function(*args, **kwargs)
 
 
 def robust_accuracy(model: nn.Module, images: Tensor, labels: Tensor, *, norm: Norm, eps: float, steps: int = 20,
@@ -235,11 +249,18 @@ def minimal_perturbation(model: nn.Module, images: Tensor, *, norm: Norm = "l2",
 
 
 def clever_scores(model: nn.Module, images: Tensor, *, norm: Norm = "l2", radius: float = 2.0,
-                  batches: int = 10, batch_size: int = 20, seed: int = 0) -> np.ndarray:
+                  batches: int = 10, batch_size: int = 20, seed: int = 0,
+                  seeds: Optional[Sequence[int]] = None) -> np.ndarray:
     """CLEVER (Weng et al. 2018, ART's `clever_u`): an estimated lower bound on the minimal perturbation
-    from extreme-value statistics of gradient norms sampled in a `radius` ball, (N,)."""
+    from extreme-value statistics of gradient norms sampled in a `radius` ball, (N,). With `seeds` (one per
+    sample) each sample draws its points from its own seed."""
     from art.metrics import clever_u
 
+    order = 2 if norm == "l2" else np.inf
     with art_classifier(model, images, seed) as classifier:
-        return np.array([clever_u(classifier, x, batches, batch_size, radius, np.inf if norm == "linf" else 2,
-                                  verbose=False) for x in images.detach().cpu().numpy()])
+        arrays = images.detach().cpu().numpy()
+        if seeds is None:
+            return np.array([clever_u(classifier, x, batches, batch_size, radius, order, verbose=False)
+                             for x in arrays])
+        return np.array([_seeded(s, clever_u, classifier, x, batches, batch_size, radius, order, verbose=False)
+                         for x, s in zip(arrays, seeds)])

@@ -148,6 +148,8 @@ class FisherRobustnessCallback(Callback):
 
     # -- set-up -------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == TrainerFn.PREDICTING:  # nothing is scored while predicting
+            return
         if self._probe_inputs is None:
             self._probe_inputs, self._probe_indices = self._draw_probe_set(self._held_out_data(trainer, stage))
         try:

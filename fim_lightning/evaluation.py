@@ -17,6 +17,10 @@ Columns (one value per sample):
   `cw_l2`: the CW perturbation's norm where it changed the prediction (inf otherwise).
 - `min_perturbation`: the smallest L2 perturbation found that changes the prediction (DeepFool, then a
   bisection of the PGD radius; `attacks.minimal_perturbation`).
+
+Every random draw of a sample (black-box probes, PGD's random start, CLEVER's points) is seeded by (`seed`,
+the sample's dataset index), so a sample's row does not depend on the batch, the process or the order it is
+scored in: `batch_columns` of any split of the data gives the same rows as one call on all of it.
 """
 from __future__ import annotations
 
@@ -66,71 +70,78 @@ class RobustnessEvaluation:
         self.cw_const, self.cw_steps = cw_const, cw_steps
         self.minimal_search_steps, self.minimal_deepfool = minimal_search_steps, minimal_deepfool
 
-    def _batches(self, images: Tensor, what: str):
-        starts = range(0, len(images), self.batch_size)
-        return tqdm(starts, desc=what, disable=not self.progress, leave=False)
+    def sample_seeds(self, indices: np.ndarray) -> list[int]:
+        """One seed per sample from (`seed`, dataset index)."""
+        return [int(np.random.SeedSequence([self.seed, int(i)]).generate_state(1)[0]) for i in indices]
 
-    def fisher_columns(self, model: nn.Module, images: Tensor) -> dict[str, np.ndarray]:
-        """Prediction, margin, Fisher scores, black-box estimate, bound and gradient-norm baseline."""
-        columns: dict[str, list[Tensor]] = {}
-        generator = torch.Generator().manual_seed(self.seed)
+    def fisher_columns(self, model: nn.Module, images: Tensor, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Prediction, margin, Fisher scores, black-box estimate, bound and gradient-norm baseline of one batch."""
         options = {"top_k": self.top_k} if self.top_k is not None else {}
-        for start in self._batches(images, "Fisher scores"):
-            x = images[start : start + self.batch_size]
-            scores = fisher_scores(model, x, model_dtype=self.model_dtype, **options)
-            parts = {"lambda_max": scores.spectral_norm, "trace": scores.trace, "radius": scores.radius,
-                     **_margin_and_slope(model, x)}
-            if self.top_k is not None:
-                parts["neglected_mass"] = scores.neglected_mass
-            if self.blackbox_queries is not None:
-                with preserved_state(model, x, mode="eval"):
-                    parts["lambda_max_blackbox"] = blackbox_fisher(
-                        model, x, self.blackbox_queries, output="logits", difference=self.blackbox_difference,
-                        generator=generator).spectral_norm
-            if self.bound:
-                parts["bound"] = fisher_spectral_bound(model, x).value
-            for name, value in parts.items():
-                columns.setdefault(name, []).append(value.detach().double().cpu())
-        table = {name: torch.cat(values).numpy() for name, values in columns.items()}
+        scores = fisher_scores(model, images, model_dtype=self.model_dtype, **options)
+        parts = {"lambda_max": scores.spectral_norm, "trace": scores.trace, "radius": scores.radius,
+                 **_margin_and_slope(model, images)}
+        if self.top_k is not None:
+            parts["neglected_mass"] = scores.neglected_mass
+        if self.blackbox_queries is not None:
+            with preserved_state(model, images, mode="eval"):
+                parts["lambda_max_blackbox"] = torch.cat([blackbox_fisher(
+                    model, images[i : i + 1], self.blackbox_queries, output="logits",
+                    difference=self.blackbox_difference, generator=torch.Generator().manual_seed(seed)).spectral_norm
+                    for i, seed in enumerate(self.sample_seeds(indices))])
+        if self.bound:
+            parts["bound"] = fisher_spectral_bound(model, images).value
+        table = {name: value.detach().double().cpu().numpy() for name, value in parts.items()}
         table["prediction"] = table["prediction"].astype(np.int64)
         return table
 
-    def attack_columns(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, np.ndarray]:
-        """Attack outcomes and the baselines that need ART."""
+    def attack_columns(self, model: nn.Module, images: Tensor, labels: Tensor,
+                       indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Attack outcomes and the baselines that need ART, for one batch."""
         columns: dict[str, np.ndarray] = {}
         common = {"batch_size": self.batch_size, "seed": self.seed}
-        stages = tqdm(total=5, desc="attacks", disable=not self.progress, leave=False)
+        seeds = self.sample_seeds(indices)
         for norm, eps in (("linf", self.pgd_linf_eps), ("l2", self.pgd_l2_eps)):
             if eps is not None:
                 columns[f"pgd_{norm}_robust"] = attacks.pgd_robust(model, images, labels, norm=norm, eps=eps,
-                                                                   steps=self.pgd_steps, **common)
-            stages.update()
+                                                                   steps=self.pgd_steps, seeds=seeds, **common)
         if self.cw_steps > 0:
             columns["cw_robust"], columns["cw_l2"] = attacks.carlini_wagner_l2(
                 model, images, labels, const=self.cw_const, steps=self.cw_steps, batch_size=self.batch_size)
-        stages.update()
         if self.minimal_search_steps > 0 or self.minimal_deepfool:
             columns["min_perturbation"] = attacks.minimal_perturbation(
                 model, images, norm="l2", search_steps=self.minimal_search_steps, steps=self.pgd_steps,
                 deepfool=self.minimal_deepfool, **common)
-        stages.update()
         if self.clever_samples > 0:
-            count = min(self.clever_samples, len(images))
+            chosen = np.flatnonzero(np.asarray(indices) < self.clever_samples)
             clever = np.full(len(images), np.nan)
-            clever[:count] = attacks.clever_scores(model, images[:count], radius=self.clever_radius, seed=self.seed)
+            if len(chosen):
+                clever[chosen] = attacks.clever_scores(model, images[torch.as_tensor(chosen)],
+                                                       radius=self.clever_radius, seed=self.seed,
+                                                       seeds=[seeds[i] for i in chosen])
             columns["clever"] = clever
-        stages.update()
-        stages.close()
+        return columns
+
+    def batch_columns(self, model: nn.Module, images: Tensor, labels: Tensor,
+                      indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Every column of one batch whose samples have dataset indices `indices`."""
+        if not len(images) == len(labels) == len(indices):
+            raise ValueError(f"{len(images)} images, {len(labels)} labels and {len(indices)} indices")
+        columns = {"index": np.asarray(indices, dtype=np.int64), "label": labels.cpu().numpy()}
+        columns.update(self.fisher_columns(model, images, columns["index"]))
+        columns["correct"] = columns["prediction"] == columns["label"]
+        columns.update(self.attack_columns(model, images, labels, columns["index"]))
         return columns
 
     def __call__(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, np.ndarray]:
+        """`batch_columns` over batches of `batch_size`, samples indexed 0..N-1."""
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        columns = {"index": np.arange(len(images)), "label": labels.cpu().numpy()}
-        columns.update(self.fisher_columns(model, images))
-        columns["correct"] = columns["prediction"] == columns["label"]
-        columns.update(self.attack_columns(model, images, labels))
-        return columns
+        parts = [self.batch_columns(model, images[start : start + self.batch_size],
+                                    labels[start : start + self.batch_size],
+                                    np.arange(start, min(start + self.batch_size, len(images))))
+                 for start in tqdm(range(0, len(images), self.batch_size), desc="evaluation",
+                                   disable=not self.progress, leave=False)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def _margin_and_slope(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
@@ -141,10 +152,3 @@ def _margin_and_slope(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
         margin = top2.values[:, 0] - top2.values[:, 1]
         (gradient,) = torch.autograd.grad(margin.sum(), inputs)
     return {"prediction": top2.indices[:, 0], "margin": margin.detach(), "grad_norm": gradient.flatten(1).norm(dim=1)}
-
-
-def first_samples(dataset, count: Optional[int]) -> tuple[Tensor, Tensor]:
-    """The first `count` (all when None) (image, label) pairs of a map-style dataset, stacked."""
-    count = len(dataset) if count is None else min(count, len(dataset))
-    pairs = [dataset[i] for i in range(count)]
-    return torch.stack([image for image, _ in pairs]), torch.as_tensor([int(label) for _, label in pairs])

@@ -9,10 +9,11 @@ returns weight(step) * mean_i R(x_i):
   v found without a graph (exact dual, or a few power steps); at the exact eigenvector its gradient is the
   gradient of lambda_max (Hellmann-Feynman).
 - `FisherKLPenalty`: d * 2 KL(p(x) || p(x + h u)) / h^2 for a random unit u, which tends to tr F as h -> 0
-  (E[u u^T] = I / d); one extra forward pass, the cheapest.
+  (E[u u^T] = I / d); one extra forward pass when it reuses the caller's logits, the cheapest.
 
 BatchNorm: in the default `mode="train"` the penalty's forward passes normalise with the statistics of the
-training batch (recorded once, held fixed for the perturbed passes, see `guard.ForwardPasses`) with
+training batch (recorded once, held fixed for the perturbed passes, see `guard.ForwardPasses`; the KL form
+reusing the caller's logits normalises its one perturbed pass by that batch's own statistics) with
 `track_running_stats` switched off, so running statistics are updated only by the caller's own forward, as
 in plain training. Dropout masks are drawn from a forked RNG, the same mask for every pass of one call.
 The penalty runs in float32 (autocast off). The caller's logits are reused only where they are what the
@@ -155,8 +156,14 @@ class FisherKLPenalty(FisherPenalty):
 
     def per_sample(self, model, inputs, logits):
         direction = algorithms.random_unit(inputs, self.generator)
-        op = self._operator(model, inputs)  # in train mode: records the batch statistics of `inputs`
-        log_p = op.log_probs if logits is None else log_probs_from_output(logits, self.output)
-        log_q = op.log_probs_at(op.inputs + self.step_size * direction.to(op.inputs.dtype))
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        if logits is None:
+            op = self._operator(model, inputs)  # in train mode: records the batch statistics of `inputs`
+            log_p = op.log_probs
+            log_q = op.log_probs_at(op.inputs + self.step_size * direction.to(op.inputs.dtype))
+        else:
+            # one forward: the perturbed batch is normalised by its own statistics, as the caller's batch was;
+            # they differ from the clean batch's by O(h / sqrt(B)), a relative bias of O(1 / B) in the KL
+            log_p = log_probs_from_output(logits, self.output)
+            log_q = self._operator(model, inputs + self.step_size * direction).log_probs
+        kl =         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         return inputs[0].numel() * 2 * kl / self.step_size**2

@@ -32,21 +32,23 @@ SCORES = ("radius", "lambda_max", "lambda_max_blackbox", "trace", "bound", "grad
 def read_table(paths: Iterable[Path]) -> Table:
     """Concatenate evaluation CSV files into one table; numeric columns become floats.
 
-    Each file is read once (paths are resolved, so overlapping folders cannot count a run twice) and its
-    rows are deduplicated by sample identity (`META`, split, index). Files may have different columns (a run without attacks
-    has no attack columns): missing cells are empty (NaN). A file that is not a well-formed CSV raises a
-    `ValueError` that names it. Every row carries its file as `run`."""
+    Each file is read once (paths are resolved, so overlapping folders cannot count a run twice) and rows
+    are deduplicated by run and sample identity (`META`, split, index): the shards of one run (files under
+    `<run>/shards/`) may repeat a sample, as distributed samplers pad. Files may have different columns (a run
+    without attacks has no attack columns): missing cells are empty (NaN). A file that is not a well-formed
+    CSV raises a `ValueError` that names it. Every row carries its run folder as `run`."""
     rows: list[dict[str, str]] = []
     names: dict[str, None] = {}
+    seen: set[tuple] = set()
     for path in dict.fromkeys(Path(p).resolve() for p in paths):
         file_rows = _read_csv(path)
-        seen: set[tuple] = set()
+        run = str(run_folder(path))
         for row in file_rows:
-            key = tuple(row.get(name) for name in (*META, "split", "index"))
+            key = (run, *(row.get(name) for name in (*META, "split", "index")))
             if key in seen and row.get("index") is not None:
                 continue
             seen.add(key)
-            rows.append({**row, "run": str(path.parent)})
+            rows.append({**row, "run": run})
         names.update(dict.fromkeys(file_rows[0] if file_rows else []))
     if not rows:
         raise FileNotFoundError("no rows: the evaluation CSV files are missing or empty")
@@ -58,6 +60,11 @@ def read_table(paths: Iterable[Path]) -> Table:
         except ValueError:
             table[name] = np.array(values)
     return table
+
+
+def run_folder(path: Path) -> Path:
+    """The run a table file belongs to: `<run>/scores.csv` or `<run>/shards/<stage>/<shard>.csv`."""
+    return path.parents[2] if path.parent.parent.name == "shards" else path.parent
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

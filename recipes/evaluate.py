@@ -4,8 +4,12 @@
     fim-evaluate model=cifar_resnet18 data=cifar10_npz ckpt_path=path/to/last.ckpt
     fim-evaluate experiment=imagenet_scale                    # torchvision resnet18 at 224 px, top-k exact route
 
-Writes `scores.csv` (columns: see `fim_lightning.evaluation`) with the model, data, regularizer, seed and
-stage of the run on every row, and prints a per-model summary. Feed the folders to `fim-report`.
+Scores through `Trainer.predict` (`recipes.scoring`): `trainer=ddp trainer.devices=N` (and
+`trainer.num_nodes`) shards the data with Lightning's distributed sampler. Rows stream to shards under
+`shards/<stage>/` as they are produced and are merged into `scores.csv` (columns: see
+`fim_lightning.evaluation`, with the model, data, regularizer, seed, stage and split on every row); run again
+with the same output folder (`hydra.run.dir=...`) to resume a stopped evaluation. Prints a per-model summary.
+Feed the folders to `fim-report`.
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fim_lightning.report import markdown, model_summaries
-from recipes.common import CONFIG_DIR, evaluate_split, save_scores
+from fim_lightning.report import markdown, model_summaries, read_table
+from recipes.common import CONFIG_DIR
+from recipes.scoring import score_split
 
 
 def load_net(cfg: DictConfig) -> torch.nn.Module:
@@ -49,13 +54,14 @@ def evaluate(cfg: DictConfig) -> Path:
     if cfg.run_dir:
         cfg = from_run_dir(cfg)
     pl.seed_everything(cfg.seed)
-    net = load_net(cfg).to(cfg.device)
-    table = evaluate_split(instantiate(cfg.evaluation), net, instantiate(cfg.data), cfg.split, cfg.num_samples,
-                           cfg.tags, cfg.stage, cfg.seed)
-    path = save_scores([table], Path(cfg.output_dir))
-    summary = model_summaries(table)
-    print(markdown(summary, [c for c in summary[0] if c not in ("stage",)]))
-    print(f"per-sample scores: {path}")
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    meta = {**dict(cfg.tags), "seed": cfg.seed}
+    path = score_split(trainer, load_net(cfg), instantiate(cfg.evaluation), instantiate(cfg.data), cfg.split,
+                       cfg.num_samples, meta, Path(cfg.output_dir), cfg.stage)
+    if trainer.is_global_zero:
+        summary = model_summaries(read_table([path]))
+        print(markdown(summary, [c for c in summary[0] if c not in ("stage",)]))
+        print(f"per-sample scores: {path}")
     return path
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from fim_lightning import report
 from fim_lightning.figures import save
 from recipes.common import CONFIG_DIR, machine
+from recipes.scoring import valid_shards
 
 GROUP = ("model", "regularizer", "stage")
 
@@ -40,8 +41,14 @@ def run_folders(runs: object) -> list[Path]:
 
 
 def score_files(folders: list[Path]) -> list[Path]:
-    """Every `scores.csv` under the folders, each once (overlapping or repeated folders count once)."""
-    files = sorted({path.resolve() for folder in folders for path in folder.rglob("scores.csv")})
+    """Every `scores.csv` under the folders, each once (overlapping or repeated folders count once), and the
+    valid shards of runs that have no `scores.csv` yet (an evaluation still running or stopped)."""
+    files = {path.resolve() for folder in folders for path in folder.rglob("scores.csv")}
+    merged = {path.parent for path in files}
+    for shards in {path.resolve() for folder in folders for path in folder.rglob("shards") if path.is_dir()}:
+        if shards.parent not in merged:
+            files.update(valid_shards(shards))
+    files = sorted(files)
     if not files:
         raise FileNotFoundError(
             f"fim-report: no scores.csv under {[str(f) for f in folders]}. Per-sample scores come from "

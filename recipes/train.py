@@ -22,7 +22,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fim_lightning import FisherRobustnessCallback
 from fim_lightning.figures import curves_figure, save
-from recipes.common import CONFIG_DIR, evaluate_split, save_scores
+from recipes.common import CONFIG_DIR
+from recipes.scoring import score_split
 
 
 def curve_table(history: list[dict]) -> str:
@@ -61,10 +62,10 @@ def train(cfg: DictConfig) -> dict:
     if first_process:
         run = {"tags": OmegaConf.to_container(cfg.tags, resolve=True), "seed": cfg.seed}
         (output_dir / "run.yaml").write_text(OmegaConf.to_yaml(run))
-    tables = []
-    if evaluation is not None and cfg.evaluate.at_init and first_process:
-        tables.append(evaluate_split(evaluation, module.net, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
-                                     cfg.tags, "init", cfg.seed))
+    meta = {**dict(cfg.tags), "seed": cfg.seed}
+    if evaluation is not None and cfg.evaluate.at_init:
+        score_split(trainer, module.net, evaluation, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples, meta,
+                    output_dir, "init")
     fisher = next((c for c in callbacks if isinstance(c, FisherRobustnessCallback)), None)
     try:
         trainer.fit(module, datamodule=datamodule)
@@ -74,14 +75,14 @@ def train(cfg: DictConfig) -> dict:
             print("stopped by SIGTERM", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     results = trainer.test(module, datamodule=datamodule, verbose=False)
-    if not trainer.is_global_zero:
-        return results[0]
-    write_fim_outputs(fisher, output_dir)
-    print(f"\ntest accuracy {results[0].get('test/acc', float('nan')):.4f}")
+    if trainer.is_global_zero:
+        write_fim_outputs(fisher, output_dir)
+        print(f"\ntest accuracy {results[0].get('test/acc', float('nan')):.4f}")
     if evaluation is not None:
-        tables.append(evaluate_split(evaluation, module.net, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
-                                     cfg.tags, "trained", cfg.seed))
-        print(f"per-sample scores: {save_scores(tables, output_dir)}")
+        path = score_split(trainer, module.net, evaluation, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
+                           meta, output_dir, "trained")
+        if trainer.is_global_zero:
+            print(f"per-sample scores: {path}")
     return results[0]
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fim_lightning as fl
-from fim_lightning.evaluation import RobustnessEvaluation, first_samples
+from fim_lightning.evaluation import RobustnessEvaluation
 from tests.conftest import make_cnn
 from tests.test_attacks import _multiclass_linear
 
@@ -56,10 +56,6 @@ def test_top_k_reports_the_merged_mass_and_stays_a_lower_bound():
                           "neglected_mass", "correct"}
 
 
-def test_first_samples_and_label_count_errors():
-    dataset = torch.utils.data.TensorDataset(torch.arange(10.0).view(10, 1), torch.arange(10))
-    images, labels = first_samples(dataset, 4)
-    assert images.shape == (4, 1) and labels.tolist() == [0, 1, 2, 3]
-    assert len(first_samples(dataset, None)[1]) == 10
+def test_label_count_errors():
     with pytest.raises(ValueError, match="3 images but 2 labels"):
         RobustnessEvaluation(progress=False)(nn.Linear(2, 2), torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
