@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -81,7 +82,7 @@ class ArrayDataModule(pl.LightningDataModule):
         self.num_classes, self.in_channels = num_classes, in_channels
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
         self.limit_train, self.limit_eval = limit_train, limit_eval
-        self.splits: dict[str, ImageTensors] = {}
+        self.splits: dict[str, Dataset] = {}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
@@ -220,32 +221,51 @@ class TorchvisionDataModule(ArrayDataModule):
         self._store("test", _channels_first(test.data), torch.as_tensor(test.targets))
 
 
+class FolderImages(Dataset):
+    """(image in [0, 1], label) from a torchvision `ImageFolder`, decoded one sample at a time: only the file
+    list is held, so ImageNet's 50,000 validation photos cost no memory until a batch asks for them."""
+
+    def __init__(self, folder: Path, mode: str, image_size: int, class_stride: int, class_offset: int) -> None:
+        import torchvision
+        from torchvision.transforms import v2
+
+        transform = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+        self.folder = torchvision.datasets.ImageFolder(str(folder), loader=partial(_open_image, mode=mode),
+                                                       transform=transform)
+        self.labels = torch.tensor(self.folder.targets) * class_stride + class_offset
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.folder[index][0].float() / 255.0, self.labels[index]
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All samples as one (images, labels) batch (decodes everything: for small folders)."""
+        return torch.stack([self[i][0] for i in range(len(self))]), self.labels
+
+
 class ImageFolderDataModule(ArrayDataModule):
     """Images in ImageFolder layout (`<root>/<split>/<class>/<image>`; a `root` without split folders is the
     test split alone), RGB or grey, resized to `image_size` (shorter side, then centre crop). Class k in
     sorted folder order gets index `class_offset + k * class_stride`: the default 0, 1, 2, ...; ImageNet-1k
     weights need each folder's index in the full sorted list of 1,000 wnids (the offline sample in
-    ../shared/data holds every 16th class: stride 16). Splits are decoded once, in `setup`."""
+    ../shared/data holds every 16th class: stride 16). Images are decoded when a batch asks for them
+    (`FolderImages`), so memory does not grow with the folder."""
 
     def __init__(self, root: str, num_classes: int, in_channels: int = 3, image_size: int = 224,
                  class_stride: int = 1, class_offset: int = 0, batch_size: int = 32, **kwargs) -> None:
         super().__init__(num_classes, in_channels, batch_size, image_size=image_size, **kwargs)
         self.root, self.class_stride, self.class_offset = root, class_stride, class_offset
 
-    def _decode(self, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        import torchvision
-        from torchvision.transforms import v2
-
-        transform = v2.Compose([v2.PILToTensor(), v2.Resize(self.image_size, antialias=True),
-                                v2.CenterCrop(self.image_size)])
-        mode = "RGB" if self.in_channels == 3 else "L"
-        dataset = torchvision.datasets.ImageFolder(str(folder), loader=lambda p: _open_image(p, mode),
-                                                   transform=transform)
-        images = torch.stack([image for image, _ in dataset])
-        labels = torch.tensor(dataset.targets) * self.class_stride + self.class_offset
-        if labels.max() >= self.num_classes:
-            raise ValueError(f"{folder}: class index {labels.max().item()} >= num_classes={self.num_classes}")
-        return images, labels
+    def _open(self, split: str, folder: Path) -> None:
+        images = FolderImages(folder, "RGB" if self.in_channels == 3 else "L", self.image_size, self.class_stride,
+                              self.class_offset)
+        if images.labels.max() >= self.num_classes:
+            raise ValueError(f"{folder}: class index {images.labels.max().item()} >= num_classes={self.num_classes}")
+        limit = self.limit_train if split == "train" else self.limit_eval
+        self.splits[split] = images if limit is None else torch.utils.data.Subset(images, range(min(limit, len(images))))
 
     def setup(self, stage: Optional[str] = None) -> None:
         root = _resolve(self.root)
@@ -255,7 +275,7 @@ class ImageFolderDataModule(ArrayDataModule):
         if not present:
             present = {"test": root}
         for split, folder in present.items():
-            self._store(split, *self._decode(folder))
+            self._open(split, folder)
         for split, fallback in (("test", "val"), ("val", "test")):
             if split not in self.splits and fallback in self.splits:
                 self.splits[split] = self.splits[fallback]
