@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fim_lightning as fl  # noqa: E402
 from bench.common import data_dir, machine, quiet_lightning  # noqa: E402
-from fim_lightning.data import NpzDataModule  # noqa: E402
+from recipes.data import NpzDataModule  # noqa: E402
 from fim_lightning.figures import new_figure, save  # noqa: E402
-from fim_lightning.models import SmallCNN  # noqa: E402
+from recipes.models import SmallCNN  # noqa: E402
 from fim_lightning.module import ImageClassifier  # noqa: E402
 
 BUDGETS = (33, 65, 129, 257, 513, 1025)

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import data_dir, machine, quiet_lightning  # noqa: E402
 from fim_lightning import FisherRobustnessCallback  # noqa: E402
-from fim_lightning.data import NpzDataModule  # noqa: E402
-from fim_lightning.models import SmallCNN  # noqa: E402
+from recipes.data import NpzDataModule  # noqa: E402
+from recipes.models import SmallCNN  # noqa: E402
 from fim_lightning.module import ImageClassifier  # noqa: E402
 
 

@@ -17,8 +17,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fim_lightning as fl  # noqa: E402
 from bench.common import cifar_images, machine  # noqa: E402
-from fim_lightning.attacks import PGD, TradesPenalty  # noqa: E402
-from fim_lightning.models import SmallCNN  # noqa: E402
+from recipes.attacks import PGD, TradesPenalty  # noqa: E402
+from recipes.models import SmallCNN  # noqa: E402
 
 VARIANTS = {
     "plain cross-entropy": {},

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fim_lightning as fl  # noqa: E402
 from bench.common import data_dir, machine, quiet_lightning  # noqa: E402
-from fim_lightning.attacks import PGD, TradesPenalty, robust_accuracy  # noqa: E402
-from fim_lightning.data import NpzDataModule  # noqa: E402
-from fim_lightning.models import SmallCNN  # noqa: E402
+from recipes.attacks import PGD, TradesPenalty, robust_accuracy  # noqa: E402
+from recipes.data import NpzDataModule  # noqa: E402
+from recipes.models import SmallCNN  # noqa: E402
 from fim_lightning.module import FisherRegularizedClassifier  # noqa: E402
 
 DATA = {"cifar10": ("cifar10_subset.npz", 10, 3), "pneumoniamnist": ("pneumoniamnist.npz", 2, 1)}

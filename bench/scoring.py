@@ -37,7 +37,7 @@ def cifar_module():
     import torch
 
     from bench.common import data_dir
-    from fim_lightning.data import ImageTensors
+    from recipes.data import ImageTensors
 
     class AllCifar(pl.LightningDataModule):
         def setup(self, stage=None):
@@ -51,7 +51,7 @@ def cifar_module():
 
 
 def fisher_only(batch_size: int = 100, top_k=None):
-    from fim_lightning.evaluation import RobustnessEvaluation
+    from recipes.evaluation import RobustnessEvaluation
 
     return RobustnessEvaluation(batch_size=batch_size, top_k=top_k, blackbox_queries=None, bound=False,
                                 clever_samples=0, pgd_linf_eps=None, pgd_l2_eps=None, cw_steps=0,
@@ -62,7 +62,7 @@ def run_memory(samples: int, way: str, out: Path) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from fim_lightning.models import SmallCNN
+    from recipes.models import SmallCNN
     from recipes.scoring import score_split
 
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def run_processes(samples: int, devices: int, out: Path) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from fim_lightning.models import SmallCNN
+    from recipes.models import SmallCNN
     from recipes.scoring import score_split
 
     torch.manual_seed(0)
@@ -102,7 +102,7 @@ def run_scaling(model: str, size: int, top_k: int, samples: int) -> dict:
     import torch
 
     import fim_lightning as fl
-    from fim_lightning.models import torchvision_classifier
+    from recipes.models import torchvision_classifier
 
     torch.manual_seed(0)
     net = torchvision_classifier(model, num_classes=1000).eval()

@@ -1,7 +1,7 @@
 """Spectral algorithms on a `FisherOperator`: they only use its probabilities, JVPs and VJPs.
 
 - `exact_dual`: lambda_max(F) = lambda_max(G) for F = A^T A, G = A A^T ((C-1) x (C-1)), A = W J, from C - 1
-  VJPs and a float64 eigen-solve (`dual_weights` gives W). With `top_k`, the classes outside the top k are
+  VJPs and a float64 eigen-solve (`operator.dual_weights` gives W). With `top_k`, the classes outside the top k are
   merged into one: the Fisher of that coarse-grained distribution is a lower bound (data processing), and
   the merged probability mass is reported.
 - `power_iteration` and `lanczos`: matrix-free on F v = J^T (M J v), one JVP + one VJP per step.
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 from torch import Tensor
 
-from fim_lightning.operator import FisherOperator
+from fim_lightning.operator import FisherOperator, dual_weights
+from fim_lightning.sampling import default_generator, rademacher, random_unit, unit
 
 
 @dataclass(frozen=True)
@@ -53,69 +54,33 @@ class TraceEstimate:
     stderr: Tensor
 
 
-def default_generator(device: torch.device, generator: Optional[torch.Generator]) -> torch.Generator:
-    """The caller's generator, or a fresh one seeded with 0: random draws never touch the global RNG."""
-    return generator if generator is not None else torch.Generator(device=device).manual_seed(0)
-
-
 def _flat_norm(v: Tensor) -> Tensor:
     return v.flatten(1).to(torch.float64).norm(dim=1)
-
-
-def _unit(v: Tensor) -> Tensor:
-    norm = v.flatten(1).norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
-    return v / norm.view(-1, *([1] * (v.ndim - 1)))
 
 
 def _per_sample(scalars: Tensor, like: Tensor) -> Tensor:
     return scalars.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
-def rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
-    """Rademacher entries of `shape`, drawn on the generator's device and moved to `like`'s device and dtype."""
-    bits = torch.randint(0, 2, shape, generator=generator, device=generator.device)
-    return (2 * bits - 1).to(like.device, like.dtype)
-
-
-def random_unit(like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """A Gaussian start vector per sample, drawn on the generator's device and moved to the inputs'."""
-    generator = default_generator(like.device, generator)
-    return _unit(torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device))
-
-
-def dual_weights(log_probs: Tensor, top_k: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Cotangents (K, B, C) on the logits whose VJPs are the rows of A, F = A^T A, without cancellation.
-
-    Relative to the top class t, with r_y = z_y - z_t for the other classes and q their probabilities,
-    M = E^T (diag(q) - q q^T) E (E maps z to r), and diag(q) - q q^T = S^T S for
-    S = (I - c u u^T) diag(u), u = sqrt(q), c = 1 / (1 + sqrt(p_t)). The rows of A are then J^T (S E)_k.
-    With `top_k`, the classes outside the top k are merged into one class R with logit logsumexp_R z
-    (E row: p_y / p_R on R, -1 on t). Returns the cotangents and p_R (None without merging).
-    """
-    batch, num_classes = log_probs.shape
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    merged = top_k is not None and top_k < num_classes - 1
-    kept = top_k if merged else num_classes
-    order = log_probs.argsort(dim=1, descending=True)
-    eye = torch.eye(num_classes, dtype=log_probs.dtype, device=log_probs.device)
-    top_row = eye[order[:, 0]]
-    rows = eye[order[:, 1:kept]] - top_row[:, None]
-    log_q = log_probs.gather(1, order[:, 1:kept])
-    neglected = None
-    if merged:
-        rest = log_probs.scatter(1, order[:, :kept], -math.inf)
-        log_rest = rest.logsumexp(dim=1, keepdim=True)
-        rows = torch.cat([rows, ((rest - log_rest).exp() - top_row)[:, None]], dim=1)
-        log_q = torch.cat([log_q, log_rest], dim=1)
-        neglected = log_rest.squeeze(1).exp()
-    u = (0.5 * log_q).exp()
-    c = 1.0 / (1.0 + (0.5 * log_probs.gather(1, order[:, :1])).exp())
-    factor = torch.diag_embed(u) - c[:, :, None] * u[:, :, None] * (u * u)[:, None, :]
-    return (factor @ rows).movedim(1, 0), neglected
-
-
 NONFINITE_JACOBIAN = "the Jacobian is not finite (NaN or inf)"
+
+
+class Operator(Protocol):
+    """What `power_iteration` and `lanczos` need: `inputs` (B, ...) giving the shape, dtype and device of the
+    vectors, and `matvec`, a symmetric positive semi-definite product per sample. A `FisherOperator` also
+    screens non-finite samples (`screen`, `nan_invalid`); other operators are taken as they are."""
+
+    inputs: Tensor
+
+    def matvec(self, vectors: Tensor) -> Tensor: ...
+
+
+def _screened(op: Operator, values: Tensor) -> Tensor:
+    return op.screen(values, NONFINITE_JACOBIAN) if hasattr(op, "screen") else values
+
+
+def _nan_invalid(op: Operator, values: Tensor) -> Tensor:
+    return op.nan_invalid(values) if hasattr(op, "nan_invalid") else values
 
 
 def _top_eigenpair_of(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,7 +103,7 @@ def exact_dual(
     direction = (u.unsqueeze(1) @ flat).squeeze(1).to(rows.dtype)
     return TopEigenpair(
         eigenvalue=op.nan_invalid(eigenvalue),
-        eigenvector=op.nan_invalid(_unit(direction.view(op.inputs.shape))),
+        eigenvector=op.nan_invalid(unit(direction.view(op.inputs.shape))),
         residual=None,
         steps=weights.shape[0],
         neglected_mass=None if neglected is None else op.nan_invalid(neglected.to(dtype)),
@@ -147,7 +112,7 @@ def exact_dual(
 
 
 def power_iteration(
-    op: FisherOperator,
+    op: Operator,
     *,
     max_iter: int = 100,
     tol: float = 1e-6,
@@ -162,7 +127,7 @@ def power_iteration(
     v = random_unit(x, generator)
     previous = torch.full((x.shape[0],), math.inf, dtype=dtype, device=x.device)
     for step in range(1, max_iter + 1):
-        w = op.screen(op.matvec(v), NONFINITE_JACOBIAN)
+        w = _screened(op, op.matvec(v))
         rayleigh = (v.flatten(1).to(dtype) * w.flatten(1).to(dtype)).sum(1).clamp_min(0.0)
         scale = rayleigh.clamp_min(torch.finfo(dtype).tiny)
         residual = _flat_norm(w - _per_sample(rayleigh, w) * v).to(dtype) / scale
@@ -171,13 +136,13 @@ def power_iteration(
             break
         previous = rayleigh
         moved = _flat_norm(w) > 0
-        v = torch.where(_per_sample(moved, v).bool(), _unit(w), v)
-    return TopEigenpair(eigenvalue=op.nan_invalid(rayleigh), eigenvector=op.nan_invalid(v),
-                        residual=op.nan_invalid(residual), steps=step)
+        v = torch.where(_per_sample(moved, v).bool(), unit(w), v)
+    return TopEigenpair(eigenvalue=_nan_invalid(op, rayleigh), eigenvector=_nan_invalid(op, v),
+                        residual=_nan_invalid(op, residual), steps=step)
 
 
 def lanczos(
-    op: FisherOperator,
+    op: Operator,
     *,
     max_iter: int = 64,
     tol: float = 1e-6,
@@ -203,7 +168,7 @@ def lanczos(
     breakdown = 100 * torch.finfo(x.dtype).eps
     for j in range(steps):
         basis[:, j] = q
-        w = op.screen(op.matvec(q.view(x.shape)), NONFINITE_JACOBIAN).flatten(1)
+        w = _screened(op, op.matvec(q.view(x.shape))).flatten(1)
         alpha = (q.to(dtype) * w.to(dtype)).sum(1)
         w = w - _per_sample(alpha, w) * q - _per_sample(beta_prev, w) * q_prev
         for _ in range(2):
@@ -227,8 +192,8 @@ def lanczos(
         q_prev, beta_prev = q, kept_beta
         q = torch.where(exhausted[:, None], torch.zeros_like(w), w / _per_sample(beta.clamp_min(torch.finfo(dtype).tiny), w))
     vector = (s.to(x.dtype).unsqueeze(1) @ basis[:, : j + 1]).squeeze(1)
-    return TopEigenpair(eigenvalue=op.nan_invalid(ritz), eigenvector=op.nan_invalid(_unit(vector.view(x.shape))),
-                        residual=op.nan_invalid(residual), steps=j + 1)
+    return TopEigenpair(eigenvalue=_nan_invalid(op, ritz), eigenvector=_nan_invalid(op, unit(vector.view(x.shape))),
+                        residual=_nan_invalid(op, residual), steps=j + 1)
 
 
 def _probe_images(op: FisherOperator, num_probes: int, generator, chunk_size) -> tuple[Tensor, Tensor]:
@@ -243,6 +208,37 @@ def _probe_images(op: FisherOperator, num_probes: int, generator, chunk_size) ->
     return probes, torch.einsum("kbc,nbc->nbk", weights, images.to(weights.dtype))
 
 
+@dataclass(frozen=True)
+class Sketch:
+    """What K directional derivatives y_k = W J z_k (E[z z^T] = I) say about F = (W J)^T (W J) per sample.
+
+    Attributes:
+        eigenvalue: (B,) top eigenvalue of the Gram sketch G = 1/K sum_k y_k y_k^T (estimates lambda_max(F)).
+        coefficients: (B, K') its top eigenvector in the space of the y's.
+        trace: (B,) 1/K sum_k |y_k|^2 (estimates tr F).
+        stderr: (B,) the standard error of `trace`.
+    """
+
+    eigenvalue: Tensor
+    coefficients: Tensor
+    trace: Tensor
+    stderr: Tensor
+
+
+def sketch(images: Tensor, variance_factor: float = 1.0) -> Sketch:
+    """The one kernel of the white-box Hutchinson estimates and the black-box estimator: from y (K, B, K')
+    the Gram sketch's top eigenpair and the trace with its standard error, the variance scaled by
+    `variance_factor` ((d - K) / (d - 1) for an orthonormal frame of K probes in d dimensions; 0 once K = d)."""
+    count = images.shape[0]
+    eigenvalue, coefficients = _top_eigenpair_of(torch.einsum("nbc,nbd->bcd", images, images) / count)
+    samples = images.square().sum(-1)
+    if count > 1 or variance_factor == 0:
+        stderr = samples.std(0) * math.sqrt(variance_factor / count) if count > 1 else torch.zeros_like(samples[0])
+    else:
+        stderr = torch.full_like(samples[0], math.inf)
+    return Sketch(eigenvalue, coefficients, samples.mean(0), stderr)
+
+
 def gram_sketch(
     op: FisherOperator,
     *,
@@ -255,12 +251,11 @@ def gram_sketch(
     (the top eigenvalue of a noisy PSD matrix). N JVPs, no reverse pass."""
     probes, images = _probe_images(op, num_probes, generator, chunk_size)
     images = images.to(dtype)
-    gram = torch.einsum("nbc,nbd->bcd", images, images) / num_probes
-    eigenvalue, u = _top_eigenpair_of(gram)
-    coefficients = torch.einsum("nbc,bc->nb", images, u).to(probes.dtype)
-    sketch = torch.einsum("nb,nb...->b...", coefficients, probes)
-    return TopEigenpair(eigenvalue=op.nan_invalid(eigenvalue), eigenvector=op.nan_invalid(_unit(sketch)), residual=None,
-                        steps=num_probes)
+    estimate = sketch(images)
+    weights = torch.einsum("nbc,bc->nb", images, estimate.coefficients).to(probes.dtype)
+    direction = torch.einsum("nb,nb...->b...", weights, probes)
+    return TopEigenpair(eigenvalue=op.nan_invalid(estimate.eigenvalue), eigenvector=op.nan_invalid(unit(direction)),
+                        residual=None, steps=num_probes)
 
 
 def exact_trace(op: FisherOperator, *, chunk_size: Optional[int] = None, dtype: torch.dtype = torch.float64) -> TraceEstimate:
@@ -280,6 +275,5 @@ def hutchinson_trace(
 ) -> TraceEstimate:
     """tr F = E_z |A z|^2 over Rademacher z, with the standard error of the mean."""
     _, images = _probe_images(op, num_probes, generator, chunk_size)
-    samples = images.to(dtype).square().sum(-1)
-    stderr = samples.std(0) / math.sqrt(num_probes) if num_probes > 1 else torch.full_like(samples[0], math.inf)
-    return TraceEstimate(value=op.nan_invalid(samples.mean(0)), stderr=op.nan_invalid(stderr))
+    estimate = sketch(images.to(dtype))
+    return TraceEstimate(value=op.nan_invalid(estimate.trace), stderr=op.nan_invalid(estimate.stderr))

@@ -7,7 +7,7 @@ Gaussian matrix): a frame of K < d probes cuts the variance of each quadratic fo
 (d - K) / (d - 1) against independent probes, and K = d probes form a complete basis, which makes the sketch
 exact up to the finite-difference error (so no more than d probes are spent). The Gram sketch
 G = W (1/K sum_k y_k y_k^T) W^T, with the cancellation-free factor W of M = diag(p) - p p^T
-(`algorithms.dual_weights`), estimates the dual whose top eigenvalue is lambda_max(F), and tr F = E|W y|^2.
+(`operator.dual_weights`), estimates the dual whose top eigenvalue is lambda_max(F), and tr F = E|W y|^2.
 
 Step: the displacement |h u| = eps^(1/3) * max(1, rms(x)), with eps the coarser of the inputs' precision and
 the precision the predictor really answers in: the coarsest float type (bfloat16, float16, float32) that
@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fim_lightning.algorithms import default_generator, dual_weights
+from fim_lightning.algorithms import sketch
 from fim_lightning.operator import OutputKind, as_class_scores, check_inputs, check_output_kind, \
-    check_output_values, log_probs_from_output, warn_samples
+    check_output_values, dual_weights, log_probs_from_output, warn_samples
+from fim_lightning.sampling import default_generator, orthonormal_probes
 from fim_lightning.validation import check_int, check_real
 
 
@@ -171,18 +172,10 @@ def blackbox_fisher(
     weights = dual_weights(log_p)[0]
     invalid |= _at_rounding_level(directional, weights, counter, h, difference, invalid)
     images = torch.einsum("kbc,nbc->nbk", weights, math.sqrt(dim) * directional)
-    gram = torch.einsum("nbc,nbd->bcd", images, images) / probes
-    spectral = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0)
-    samples = images.square().sum(-1)
-    trace = samples.mean(0)
-    if probes == dim:
-        stderr = torch.zeros_like(trace)
-    elif probes > 1:
-        stderr = samples.std(0) * math.sqrt((dim - probes) / (dim - 1) / probes)
-    else:
-        stderr = torch.full_like(trace, math.inf)
+    estimate = sketch(images, variance_factor=(dim - probes) / (dim - 1) if dim > 1 else 0.0)
     classes = log_p.shape[1]
-    spectral, trace, stderr = (value.masked_fill(invalid, math.nan) for value in (spectral, trace, stderr))
+    spectral, trace, stderr = (value.masked_fill(invalid, math.nan)
+                               for value in (estimate.eigenvalue, estimate.trace, estimate.stderr))
     return BlackBoxEstimate(
         spectral_norm=spectral,
         trace=trace,
@@ -210,14 +203,6 @@ def _at_rounding_level(directional: Tensor, weights: Tensor, counter: _CountingP
                            f"hold {-math.log2(counter.eps):.0f}-bit values, step {h.max().item():.3g}); pass a "
                            "larger `step` or query a more precise predictor")
     return rounding
-
-
-def orthonormal_probes(count: int, batch: int, dim: int, generator: torch.Generator) -> Tensor:
-    """(count, batch, dim) unit probes, count <= dim: per sample a Haar-random orthonormal frame
-    (QR of a Gaussian matrix with the signs of R's diagonal fixed)."""
-    gaussian = torch.randn((batch, dim, count), generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gaussian)
-    return (q * torch.sign(torch.diagonal(r, dim1=1, dim2=2)).unsqueeze(1)).permute(2, 0, 1)
 
 
 def blackbox_fisher_spectral_norm(predict: Callable, inputs: Tensor, num_queries: int = 128, **options) -> Tensor:

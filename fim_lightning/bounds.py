@@ -23,6 +23,12 @@ Factors (L2 operator norms):
 Known containers: nn.Sequential and torchvision's MLP, torchvision VGG, ResNet (BasicBlock, Bottleneck),
 DenseNet, VisionTransformer, timm's VisionTransformer (Block, Attention, Mlp). Any other module raises a
 TypeError that names it, and the walk's output is checked against the model's own forward.
+
+Extension: both tables are registries keyed by a module class (subclasses match) or, for libraries that are
+not imported here (torchvision, timm), a class name. `register_layer_bound(MyLayer, fn)` with
+fn(layer, input_shape) -> L for a leaf layer; `register_block_bound(MyBlock, handler)` with
+handler(walk, name, module, x) -> (output, [(name, factor (B,)), ...]) for a container, which can call
+`walk.chain`, `walk.product` and `walk.residual` on its parts.
 """
 from __future__ import annotations
 
@@ -34,8 +40,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from fim_lightning.algorithms import power_iteration
 from fim_lightning.guard import preserved_state
-from fim_lightning.models import Normalize
 
 _ACTIVATION_CONSTANTS = {nn.ReLU: 1.0, nn.Tanh: 1.0, nn.Identity: 1.0, nn.Flatten: 1.0, nn.Sigmoid: 0.25,
                          nn.GELU: 1.13, nn.SiLU: 1.1, nn.Dropout: 1.0}
@@ -76,7 +82,7 @@ def linear_operator_norm(layer: nn.Module, input_shape: tuple[int, ...], max_ite
     """Largest singular value of a linear layer (bias dropped) as a map on inputs of `input_shape`,
     by power iteration on A^T A; the result is inflated by the stopping tolerance."""
     dtype = torch.float64
-    x = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0), dtype=dtype)
+    x = torch.zeros((1, *input_shape), dtype=dtype)
 
     def apply(v: Tensor) -> Tensor:
         if isinstance(layer, nn.Linear):
@@ -86,57 +92,76 @@ def linear_operator_norm(layer: nn.Module, input_shape: tuple[int, ...], max_ite
         return layer(v)
 
     with torch.enable_grad():
-        value = _power_iteration(apply, x, max_iter)
+        value = power_iteration(GramOperator(apply, x), max_iter=max_iter, tol=_POWER_TOL,
+                                generator=torch.Generator().manual_seed(0)).eigenvalue.item()
     return math.sqrt(max(value, 0.0)) * (1 + 10 * _POWER_TOL)
 
 
-def _power_iteration(apply: Callable[[Tensor], Tensor], x: Tensor, max_iter: int) -> float:
-    """Top eigenvalue of A^T A for the linear map `apply`, the adjoint by autograd."""
-    value = 0.0
-    for _ in range(max_iter):
-        x = x / x.norm()
-        v = x.detach().requires_grad_(True)
-        out = apply(v)
-        (gram_x,) = torch.autograd.grad(out, v, out)
-        new = (x * gram_x).sum().item()
-        converged = abs(new - value) <= _POWER_TOL * max(new, 1e-300)
-        value, x = new, gram_x.detach()
-        if converged:
-            break
-    return value
+class GramOperator:
+    """A^T A for a linear map `apply` on inputs shaped like `like`, the adjoint by autograd: an operator with
+    a product and a shape, as the algorithms take."""
+
+    def __init__(self, apply: Callable[[Tensor], Tensor], like: Tensor) -> None:
+        self.apply, self.inputs = apply, like
+
+    def matvec(self, v: Tensor) -> Tensor:
+        v = v.detach().requires_grad_(True)
+        out = self.apply(v)
+        (gram_v,) = torch.autograd.grad(out, v, out)
+        return gram_v.detach()
+
+
+def _batchnorm(layer: nn.modules.batchnorm._BatchNorm, input_shape: tuple[int, ...]) -> float:
+    if layer.running_var is None:
+        raise ValueError(f"{layer} has no running statistics: a bound needs eval-mode BatchNorm")
+    scale = (layer.running_var + layer.eps).rsqrt()
+    if layer.weight is not None:
+        scale = scale * layer.weight.detach()
+    return scale.abs().max().item()
+
+
+def _max_pool(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
+    kernel, stride = layer.kernel_size, layer.stride
+    kernel = kernel if isinstance(kernel, int) else max(kernel)
+    stride = stride if isinstance(stride, int) else min(stride)
+    overlap = math.ceil(kernel / stride)
+    return math.sqrt(overlap ** (2 if isinstance(layer, nn.MaxPool2d) else 1))
+
+
+LayerBound = Callable[[nn.Module, tuple[int, ...]], float]
+LAYER_BOUNDS: dict[object, LayerBound] = {
+    **{kind: linear_operator_norm for kind in _LINEAR_MAPS},
+    nn.modules.batchnorm._BatchNorm: _batchnorm,
+    nn.LeakyReLU: lambda layer, shape: max(1.0, abs(layer.negative_slope)),
+    nn.MaxPool1d: _max_pool,
+    nn.MaxPool2d: _max_pool,
+    "LayerScale": lambda layer, shape: layer.gamma.detach().abs().max().item(),  # timm
+    "DropPath": lambda layer, shape: 1.0,  # timm, the identity in eval mode
+    **{kind: (lambda constant: lambda layer, shape: constant)(constant) for kind, constant in _ACTIVATION_CONSTANTS.items()},
+}
+
+
+def register_layer_bound(key: object, bound: LayerBound) -> None:
+    """Bound leaf layers of class `key` (a class, or a class name) by bound(layer, input_shape) -> L."""
+    LAYER_BOUNDS[key] = bound
+
+
+def _lookup(table: dict, module: nn.Module) -> Optional[Callable]:
+    """The entry for the closest class of `module` (by type, then by class name), else None."""
+    for cls in type(module).__mro__:
+        if cls in table:
+            return table[cls]
+    return table.get(type(module).__name__)
 
 
 def layer_lipschitz(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
     """The L2 Lipschitz constant of one leaf layer on inputs of `input_shape` (see the module docstring)."""
-    if isinstance(layer, _LINEAR_MAPS):
-        return linear_operator_norm(layer, input_shape)
-    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        if layer.running_var is None:
-            raise ValueError(f"{layer} has no running statistics: a bound needs eval-mode BatchNorm")
-        scale = (layer.running_var + layer.eps).rsqrt()
-        if layer.weight is not None:
-            scale = scale * layer.weight.detach()
-        return scale.abs().max().item()
-    if isinstance(layer, nn.LeakyReLU):
-        return max(1.0, abs(layer.negative_slope))
-    if isinstance(layer, (nn.MaxPool1d, nn.MaxPool2d)):
-        kernel, stride = layer.kernel_size, layer.stride
-        kernel = kernel if isinstance(kernel, int) else max(kernel)
-        stride = stride if isinstance(stride, int) else min(stride)
-        overlap = math.ceil(kernel / stride)
-        return math.sqrt(overlap ** (2 if isinstance(layer, nn.MaxPool2d) else 1))
-    if isinstance(layer, Normalize):
-        return 1.0 / layer.std.min().item()
-    if type(layer).__name__ == "LayerScale":  # timm
-        return layer.gamma.detach().abs().max().item()
-    if type(layer).__name__ == "DropPath":  # timm, identity in eval mode
-        return 1.0
-    for kind, constant in _ACTIVATION_CONSTANTS.items():
-        if type(layer) is kind:
-            return constant
-    raise TypeError(f"no Lipschitz bound is known for {type(layer).__name__}; supported: Linear, Conv, "
-                    "BatchNorm (eval), LayerNorm, pooling, Normalize, the common activations, and the "
-                    "containers listed in fim_lightning.bounds")
+    bound = _lookup(LAYER_BOUNDS, layer)
+    if bound is None:
+        raise TypeError(f"no Lipschitz bound is known for {type(layer).__name__}; supported: Linear, Conv, "
+                        "BatchNorm (eval), LayerNorm, pooling, the common activations, the containers listed in "
+                        "fim_lightning.bounds, and what `register_layer_bound` adds")
+    return bound(layer, input_shape)
 
 
 def _layer_norm_factor(layer: nn.LayerNorm, x: Tensor, local: bool) -> Tensor:
@@ -200,69 +225,13 @@ class _Walk:
         return out + short, lf + ls
 
     def stage(self, name: str, module: nn.Module, x: Tensor) -> tuple[Tensor, list[tuple[str, Tensor]]]:
-        kind = type(module).__name__
-        children = list(module.named_children())
-        named = dict(children)
-        if isinstance(module, nn.Sequential) or kind in ("Mlp", "MLP"):
-            return self.chain(children, x, f"{name}." if name else "")
-        if kind == "ResNet":
-            order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
-            stages = [(n, named[n]) for n in order] + [("flatten", nn.Flatten()), ("fc", module.fc)]
-            return self.chain(stages, x, f"{name}." if name else "")
-        if kind in ("BasicBlock", "Bottleneck"):
-            depth = 2 if kind == "BasicBlock" else 3
-            branch = [(n, named[n]) for i in range(1, depth + 1) for n in (f"conv{i}", f"bn{i}", "relu")][:-1]
-            y, factor = self.residual(name, branch, x, module.downsample)
-            return torch.relu(y), [(name, factor)]
-        if kind == "VGG":
-            stages = [("features", module.features), ("avgpool", module.avgpool), ("flatten", nn.Flatten()),
-                      ("classifier", module.classifier)]
-            return self.chain(stages, x, f"{name}." if name else "")
-        if kind == "DenseNet":
-            stages = [("features", module.features), ("relu", nn.ReLU()), ("pool", nn.AdaptiveAvgPool2d(1)),
-                      ("flatten", nn.Flatten()), ("classifier", module.classifier)]
-            return self.chain(stages, x, f"{name}." if name else "")
-        if kind == "_DenseBlock":
-            factor = torch.ones(len(x), dtype=torch.float64)
-            for _, layer in children:
-                order = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
-                new, lf = self.product([(n, getattr(layer, n)) for n in order], x, f"{name}.")
-                x, factor = torch.cat([x, new], 1), factor * (1 + lf.square()).sqrt()
-            return x, [(name, factor)]
-        if kind == "_Transition":
-            return self.chain(children, x, f"{name}.")
-        if kind == "VisionTransformer" and hasattr(module, "conv_proj"):
-            return self.torchvision_vit(name, module, x)
-        if kind == "VisionTransformer" and hasattr(module, "patch_embed"):
-            return self.timm_vit(name, module, x)
-        if kind == "EncoderBlock":  # torchvision ViT
-            y, f1 = self.residual(name, [("ln_1", module.ln_1), ("self_attention", module.self_attention)], x)
-            z, f2 = self.residual(name, [("ln_2", module.ln_2), ("mlp", module.mlp)], y)
-            return z, [(f"{name}.attention", f1), (f"{name}.mlp", f2)]
-        if kind == "Block" and hasattr(module, "ls1"):  # timm ViT
-            first = [("norm1", module.norm1), ("attn", module.attn), ("ls1", module.ls1), ("drop", module.drop_path1)]
-            y, f1 = self.residual(name, first, x)
-            second = [("norm2", module.norm2), ("mlp", module.mlp), ("ls2", module.ls2), ("drop", module.drop_path2)]
-            z, f2 = self.residual(name, second, y)
-            return z, [(f"{name}.attention", f1), (f"{name}.mlp", f2)]
-        if isinstance(module, nn.MultiheadAttention):
-            return self.attention(name, x, module.in_proj_weight.chunk(3), module.in_proj_bias.chunk(3)
-                                  if module.in_proj_bias is not None else (None,) * 3, module.out_proj,
-                                  module.num_heads, module.head_dim ** -0.5, module.batch_first)
-        if kind == "Attention" and hasattr(module, "qkv"):  # timm
-            for part in ("q_norm", "k_norm", "norm"):
-                if not isinstance(getattr(module, part, nn.Identity()), nn.Identity):
-                    raise TypeError(f"no bound is known for timm Attention with {part} ({name})")
-            if getattr(module, "gate", None) is not None:
-                raise TypeError(f"no bound is known for gated timm Attention ({name})")
-            biases = module.qkv.bias.chunk(3) if module.qkv.bias is not None else (None,) * 3
-            return self.attention(name, x, module.qkv.weight.chunk(3), biases, module.proj, module.num_heads,
-                                  module.scale, True)
-        if isinstance(module, nn.LayerNorm):
-            return module(x), [(name, _layer_norm_factor(module, x, self.local))]
-        if children and not isinstance(module, (Normalize, nn.MultiheadAttention)):
-            raise TypeError(f"no bound is known for {kind} ({name or 'the model'}); supported containers: "
-                            "nn.Sequential, torchvision VGG/ResNet/DenseNet/VisionTransformer, timm VisionTransformer")
+        handler = _lookup(BLOCK_BOUNDS, module)
+        if handler is not None:
+            return handler(self, name, module, x)
+        if list(module.children()):
+            raise TypeError(f"no bound is known for {type(module).__name__} ({name or 'the model'}); supported "
+                            "containers: nn.Sequential, torchvision VGG/ResNet/DenseNet/VisionTransformer, timm "
+                            "VisionTransformer, and what `register_block_bound` adds")
         factor = layer_lipschitz(module, tuple(x.shape[1:]))
         return module(x), [(name, torch.full((len(x),), factor, dtype=torch.float64))]
 
@@ -308,6 +277,111 @@ class _Walk:
         y, head = self.chain([("fc_norm", module.fc_norm), ("head_drop", module.head_drop), ("head", module.head)],
                              y, prefix)
         return y, factors + inner + body + [(f"{prefix}pool", pool)] + head
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _sequential(walk: _Walk, name: str, module: nn.Module, x: Tensor):
+    return walk.chain(list(module.named_children()), x, _prefix(name))
+
+
+def _resnet(walk: _Walk, name: str, module: nn.Module, x: Tensor):
+    order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
+    stages = [(n, getattr(module, n)) for n in order] + [("flatten", nn.Flatten()), ("fc", module.fc)]
+    return walk.chain(stages, x, _prefix(name))
+
+
+def _residual_block(walk: _Walk, name: str, module: nn.Module, x: Tensor):
+    depth = 2 if type(module).__name__ == "BasicBlock" else 3
+    branch = [(n, getattr(module, n)) for i in range(1, depth + 1) for n in (f"conv{i}", f"bn{i}", "relu")][:-1]
+    y, factor = walk.residual(name, branch, x, module.downsample)
+    return torch.relu(y), [(name, factor)]
+
+
+def _vgg(walk: _Walk, name: str, module: nn.Module, x: Tensor):
+    stages = [("features", module.features), ("avgpool", module.avgpool), ("flatten", nn.Flatten()),
+              ("classifier", module.classifier)]
+    return walk.chain(stages, x, _prefix(name))
+
+
+def _densenet(walk: _Walk, name: str, module: nn.Module, x: Tensor):
+    stages = [("features", module.features), ("relu", nn.ReLU()), ("pool", nn.AdaptiveAvgPool2d(1)),
+              ("flatten", nn.Flatten()), ("classifier", module.classifier)]
+    return walk.chain(stages, x, _prefix(name))
+
+
+def _dense_block(walk: _Walk, name: str, module: nn.Module, x: Tensor):
+    factor = torch.ones(len(x), dtype=torch.float64)
+    for _, layer in module.named_children():
+        order = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
+        new, lf = walk.product([(n, getattr(layer, n)) for n in order], x, f"{name}.")
+        x, factor = torch.cat([x, new], 1), factor * (1 + lf.square()).sqrt()
+    return x, [(name, factor)]
+
+
+def _vision_transformer(walk: _Walk, name: str, module: nn.Module, x: Tensor):
+    if hasattr(module, "conv_proj"):
+        return walk.torchvision_vit(name, module, x)
+    if hasattr(module, "patch_embed"):
+        return walk.timm_vit(name, module, x)
+    raise TypeError(f"no bound is known for this VisionTransformer ({name or 'the model'})")
+
+
+def _encoder_block(walk: _Walk, name: str, module: nn.Module, x: Tensor):  # torchvision ViT
+    y, f1 = walk.residual(name, [("ln_1", module.ln_1), ("self_attention", module.self_attention)], x)
+    z, f2 = walk.residual(name, [("ln_2", module.ln_2), ("mlp", module.mlp)], y)
+    return z, [(f"{name}.attention", f1), (f"{name}.mlp", f2)]
+
+
+def _timm_block(walk: _Walk, name: str, module: nn.Module, x: Tensor):
+    if not hasattr(module, "ls1"):
+        raise TypeError(f"no bound is known for this timm Block ({name})")
+    first = [("norm1", module.norm1), ("attn", module.attn), ("ls1", module.ls1), ("drop", module.drop_path1)]
+    y, f1 = walk.residual(name, first, x)
+    second = [("norm2", module.norm2), ("mlp", module.mlp), ("ls2", module.ls2), ("drop", module.drop_path2)]
+    z, f2 = walk.residual(name, second, y)
+    return z, [(f"{name}.attention", f1), (f"{name}.mlp", f2)]
+
+
+def _multihead_attention(walk: _Walk, name: str, module: nn.MultiheadAttention, x: Tensor):
+    biases = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None,) * 3
+    return walk.attention(name, x, module.in_proj_weight.chunk(3), biases, module.out_proj, module.num_heads,
+                          module.head_dim ** -0.5, module.batch_first)
+
+
+def _timm_attention(walk: _Walk, name: str, module: nn.Module, x: Tensor):
+    if not hasattr(module, "qkv"):
+        raise TypeError(f"no bound is known for this Attention ({name})")
+    for part in ("q_norm", "k_norm", "norm"):
+        if not isinstance(getattr(module, part, nn.Identity()), nn.Identity):
+            raise TypeError(f"no bound is known for timm Attention with {part} ({name})")
+    if getattr(module, "gate", None) is not None:
+        raise TypeError(f"no bound is known for gated timm Attention ({name})")
+    biases = module.qkv.bias.chunk(3) if module.qkv.bias is not None else (None,) * 3
+    return walk.attention(name, x, module.qkv.weight.chunk(3), biases, module.proj, module.num_heads, module.scale,
+                          True)
+
+
+def _layer_norm(walk: _Walk, name: str, module: nn.LayerNorm, x: Tensor):
+    return module(x), [(name, _layer_norm_factor(module, x, walk.local))]
+
+
+BlockBound = Callable[[_Walk, str, nn.Module, Tensor], tuple[Tensor, list[tuple[str, Tensor]]]]
+BLOCK_BOUNDS: dict[object, BlockBound] = {
+    nn.Sequential: _sequential, "MLP": _sequential, "Mlp": _sequential, "_Transition": _sequential,
+    "ResNet": _resnet, "BasicBlock": _residual_block, "Bottleneck": _residual_block,
+    "VGG": _vgg, "DenseNet": _densenet, "_DenseBlock": _dense_block,
+    "VisionTransformer": _vision_transformer, "EncoderBlock": _encoder_block, "Block": _timm_block,
+    nn.MultiheadAttention: _multihead_attention, "Attention": _timm_attention, nn.LayerNorm: _layer_norm,
+}
+
+
+def register_block_bound(key: object, handler: BlockBound) -> None:
+    """Bound containers of class `key` (a class, or a class name) with handler(walk, name, module, x) ->
+    (output, [(name, factor), ...]) (module docstring)."""
+    BLOCK_BOUNDS[key] = handler
 
 
 def lipschitz_layers(model: nn.Module, inputs: Tensor, local: bool) -> tuple[Tensor, list[tuple[str, Tensor]]]:

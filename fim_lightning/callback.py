@@ -14,10 +14,12 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from fim_lightning import writers
 from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_options, fisher_operator, fisher_scores
 from fim_lightning.operator import OUTPUT_KINDS, OutputKind
+from fim_lightning.reductions import SUMMARY, summarize
 from fim_lightning.validation import check_bool, check_choice, check_int, check_str
 
 _SCORES = ("spectral_norm", "trace", "radius")
@@ -31,19 +33,6 @@ def _first_loader(loaders: Any) -> Any:
     if isinstance(loaders, dict):
         return next(iter(loaders.values()), None)
     return loaders
-
-
-def summarize(values: Tensor, name: str) -> dict[str, float]:
-    """mean, median, 90th percentile and max of the finite values."""
-    finite = values[torch.isfinite(values)]
-    if finite.numel() == 0:
-        return {f"{name}/{stat}": math.nan for stat in ("mean", "median", "p90", "max")}
-    return {
-        f"{name}/mean": finite.mean().item(),
-        f"{name}/median": finite.median().item(),
-        f"{name}/p90": finite.quantile(0.9).item(),
-        f"{name}/max": finite.max().item(),
-    }
 
 
 class FisherRobustnessCallback(Callback):
@@ -143,33 +132,37 @@ class FisherRobustnessCallback(Callback):
         self._latest: Optional[writers.Snapshot] = None
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefix)
 
     # -- set-up -------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == TrainerFn.PREDICTING:  # nothing is scored while predicting
-            return
-        if self._probe_inputs is None:
-            self._probe_inputs, self._probe_indices = self._draw_probe_set(self._held_out_data(trainer, stage))
-        try:
-            with fisher_operator(self._scored_model(pl_module), self._probe_inputs[:2], output=self.output, mode="eval") as op:
-                op.logits  # one forward: checks the output is (B, C) class scores with C >= 2
-        except (TypeError, ValueError) as error:
-            raise MisconfigurationException(f"FisherRobustnessCallback cannot score this model: {error}") from error
+        """With `data=`, draw the probe set and check the model now; otherwise at the first evaluation, from
+        the trainer's validation (test) dataloaders."""
+        if stage != TrainerFn.PREDICTING and self._probe_inputs is None and self.data is not None:
+            self._ensure_probe_set(trainer, pl_module)
 
-    def _held_out_data(self, trainer: pl.Trainer, stage: str) -> Union[DataLoader, Dataset]:
+    def _ensure_probe_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._probe_inputs is None:
+            self._probe_inputs, self._probe_indices = self._draw_probe_set(self._held_out_data(trainer))
+            try:
+                with fisher_operator(self._scored_model(pl_module), self._probe_inputs[:2], output=self.output,
+                                     mode="eval") as op:
+                    op.logits  # one forward: checks the output is (B, C) class scores with C >= 2
+            except (TypeError, ValueError) as error:
+                raise MisconfigurationException(f"FisherRobustnessCallback cannot score this model: {error}") from error
+
+    def _held_out_data(self, trainer: pl.Trainer) -> Union[DataLoader, Dataset]:
         if self.data is not None:
             return self.data
-        loop = trainer.test_loop if stage == TrainerFn.TESTING else (
-            trainer.validate_loop if stage == TrainerFn.VALIDATING else trainer.fit_loop.epoch_loop.val_loop
-        )
-        source = loop._data_source  # Lightning's record of where this stage's dataloaders come from
-        loader = _first_loader(source.dataloader()) if source.instance is not None and source.is_defined() else None
+        testing = trainer.state.fn == TrainerFn.TESTING
+        loader = _first_loader(trainer.test_dataloaders if testing else trainer.val_dataloaders)
         if loader is None:
             raise MisconfigurationException(
                 "FisherRobustnessCallback needs held-out data: the trainer has no "
-                f"{'test' if stage == TrainerFn.TESTING else 'validation'} dataloader; pass `data=` (a DataLoader or Dataset)"
+                f"{'test' if testing else 'validation'} dataloader; pass `data=` (a DataLoader or Dataset)"
             )
         return loader
 
@@ -230,12 +223,14 @@ class FisherRobustnessCallback(Callback):
         return getattr(pl_module, self.model_attribute) if self.model_attribute else pl_module
 
     # -- triggers -----------------------------------------------------------------------------------
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._last_step:
             self._last_step = step
             self.score(trainer, pl_module)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -244,9 +239,11 @@ class FisherRobustnessCallback(Callback):
         else:
             self.score(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._score_epoch(trainer, pl_module)
 
+    @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.score(trainer, pl_module)
 
@@ -259,6 +256,7 @@ class FisherRobustnessCallback(Callback):
     # -- scoring ------------------------------------------------------------------------------------
     def score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Score the probe set now, log the summaries and return them."""
+        self._ensure_probe_set(trainer, pl_module)
         world, rank = trainer.world_size, trainer.global_rank
         share = self._probe_inputs[rank::world]
         local, vectors = self._score_share(share, pl_module)
@@ -285,9 +283,11 @@ class FisherRobustnessCallback(Callback):
         if self.log_figures and trainer.is_global_zero and self._latest is not None:
             writers.write(trainer, self._latest, event)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_figures(trainer, "on_end")
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """An interrupted run (SIGTERM, Ctrl+C, an error) still leaves the figures of its last evaluation."""
         try:
@@ -327,9 +327,10 @@ class FisherRobustnessCallback(Callback):
         return gathered.transpose(0, 1).reshape(-1, local.shape[1])[:total].cpu()
 
     def _curve_keys(self) -> list[str]:
-        return [f"{self.prefix}/spectral_norm/{stat}" for stat in ("mean", "median", "p90", "max")]
+        return [f"{self.prefix}/spectral_norm/{key}" for key in SUMMARY]
 
     # -- checkpointing ------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "num_samples": self.num_samples,
@@ -342,6 +343,7 @@ class FisherRobustnessCallback(Callback):
             "last_step": self._last_step,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the saved curve; a checkpoint whose probe set was drawn with another `num_samples` or
         `seed` starts a new curve (with a warning) instead of silently keeping the old probes."""

@@ -17,6 +17,7 @@ from torch import Tensor
 from fim_lightning import algorithms
 from fim_lightning.guard import Mode, active_dropout, preserved_state, resolve_mode
 from fim_lightning.operator import FisherOperator, OutputKind
+from fim_lightning.reductions import Reduction, check_reduction, reduce_values
 
 SpectralMethod = Literal["exact", "power", "lanczos", "hutchinson"]
 TraceMethod = Literal["exact", "hutchinson"]
@@ -89,10 +90,14 @@ def fisher_top_eigenpair(
         return algorithm(op, dtype=dtype, **options)
 
 
-def fisher_spectral_norm(model: Callable, inputs: Tensor, method: SpectralMethod = "exact", **options) -> Tensor:
-    """lambda_max(F(x_i)) for each sample, (B,). `method`: "exact" (C x C dual; `top_k`, `chunk_size`),
-    "power" / "lanczos" (`max_iter`, `tol`, `generator`), "hutchinson" (`num_probes`, `generator`, `chunk_size`)."""
-    return fisher_top_eigenpair(model, inputs, method, **options).eigenvalue
+def fisher_spectral_norm(model: Callable, inputs: Tensor, method: SpectralMethod = "exact", *,
+                         reduction: Reduction = "none", **options) -> Tensor:
+    """lambda_max(F(x_i)) for each sample, (B,) with `reduction="none"`, else reduced ("mean", "median", "max" or
+    a quantile: the functional twin of `FisherSpectralNorm`). `method`: "exact" (C x C dual; `top_k`,
+    `chunk_size`), "power" / "lanczos" (`max_iter`, `tol`, `generator`), "hutchinson" (`num_probes`,
+    `generator`, `chunk_size`)."""
+    check_reduction(reduction)
+    return reduce_values(fisher_top_eigenpair(model, inputs, method, **options).eigenvalue, reduction)
 
 
 def fisher_trace(

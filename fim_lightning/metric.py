@@ -1,7 +1,9 @@
-"""`FisherSpectralNorm`: a torchmetrics Metric that accumulates per-sample lambda_max(F(x)) over batches."""
-from __future__ import annotations
+"""`FisherSpectralNorm`: a torchmetrics Metric that accumulates per-sample lambda_max(F(x)) over batches.
 
-from typing import Any, Optional, Union
+Its functional twin is `fim_lightning.fisher_spectral_norm(model, inputs, method, reduction=...)`: the same
+arguments (the estimator options as keywords) and, on one batch, the same result.
+"""
+from typing import Any, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -10,34 +12,8 @@ from torchmetrics.utilities import dim_zero_cat
 
 from fim_lightning.functional import SpectralMethod, check_estimator_options, fisher_spectral_norm
 from fim_lightning.operator import OUTPUT_KINDS, OutputKind
-from fim_lightning.validation import check_choice, check_real
-
-Reduction = Union[str, float]
-_REDUCTIONS = ("mean", "median", "max", "none")
-
-
-def reduce_values(values: Tensor, reduction: Reduction) -> Tensor:
-    """"mean", "median", "max", "none" (all values) or a quantile q in [0, 1]."""
-    if reduction == "none":
-        return values
-    if values.numel() == 0:
-        return values.new_tensor(float("nan"))
-    if reduction == "mean":
-        return values.mean()
-    if reduction == "median":
-        return values.median()
-    if reduction == "max":
-        return values.max()
-    return values.quantile(float(reduction))
-
-
-def check_reduction(reduction: Reduction) -> None:
-    if isinstance(reduction, str):
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS} or a quantile in [0, 1], got {reduction!r}")
-    else:
-        check_real("a quantile reduction", reduction, 0.0, maximum=1.0)
-
+from fim_lightning.reductions import Reduction, check_reduction, reduce_values
+from fim_lightning.validation import check_choice
 
 class FisherSpectralNorm(Metric):
     """Per-sample spectral norm of the input-space Fisher information, lambda_max(J^T (diag p - p p^T) J).
@@ -54,16 +30,27 @@ class FisherSpectralNorm(Metric):
         estimator_options: options of the method (e.g. `{"top_k": 20}` or `{"num_probes": 32}`).
 
     Example:
-        >>> metric = FisherSpectralNorm()
-        >>> metric.update(model, images)  # doctest: +SKIP
-        >>> metric.compute()  # doctest: +SKIP
+        >>> import torch
+        >>> from torch import nn
+        >>> from fim_lightning import FisherSpectralNorm, fisher_spectral_norm
+        >>> weight = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])   # logits z = W x, 3 classes
+        >>> model = nn.Linear(2, 3, bias=False).requires_grad_(False)
+        >>> _ = model.weight.copy_(weight)
+        >>> x = torch.zeros(4, 2)                                          # p uniform: F = W^T M W
+        >>> metric = FisherSpectralNorm(reduction="median")
+        >>> metric.update(model, x[:2]); metric.update(model, x[2:])
+        >>> m = torch.eye(3) / 3 - torch.full((3, 3), 1 / 9)
+        >>> round(metric.compute().item(), 6), round(torch.linalg.eigvalsh(weight.T @ m @ weight)[-1].item(), 6)
+        (0.956172, 0.956172)
+        >>> round(fisher_spectral_norm(model, x, reduction="median").item(), 6)  # the functional twin
+        0.956172
     """
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
     plot_lower_bound = 0.0
-    values: list[Tensor]
+    values: List[Tensor]
 
     def __init__(
         self,

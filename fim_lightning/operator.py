@@ -3,7 +3,7 @@
 For logits z(x), p = softmax(z), J = dz/dx and M = diag(p) - p p^T: F(x) = J^T M J. Any z with
 softmax(z) = p serves (logits, log-probabilities, log of probabilities). The product with M is taken
 relative to the top class t, M u = p * ((u - u_t) - p . (u - u_t)), so nothing cancels when p_t -> 1; the
-probabilities come from a float64 log-softmax. Factorisations of M live in `algorithms.dual_weights`.
+probabilities come from a float64 log-softmax. `dual_weights` factorises M the same way.
 
 Never a silent wrong number: a sample whose output or Jacobian is not finite is marked invalid, warned about
 by its index and cause, and every algorithm returns NaN for it while the other samples stay exact. Logits
@@ -135,6 +135,38 @@ def metric_product(log_probs: Tensor, u: Tensor) -> Tensor:
     d = u - u.gather(1, log_probs.argmax(1, keepdim=True))
     p = log_probs.exp()
     return p * (d - (p * d).sum(1, keepdim=True))
+
+
+def dual_weights(log_probs: Tensor, top_k: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Cotangents (K, B, C) on the logits whose VJPs are the rows of A, F = A^T A, without cancellation.
+
+    Relative to the top class t, with r_y = z_y - z_t for the other classes and q their probabilities,
+    M = E^T (diag(q) - q q^T) E (E maps z to r), and diag(q) - q q^T = S^T S for
+    S = (I - c u u^T) diag(u), u = sqrt(q), c = 1 / (1 + sqrt(p_t)). The rows of A are then J^T (S E)_k.
+    With `top_k`, the classes outside the top k are merged into one class R with logit logsumexp_R z
+    (E row: p_y / p_R on R, -1 on t). Returns the cotangents and p_R (None without merging).
+    """
+    batch, num_classes = log_probs.shape
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    merged = top_k is not None and top_k < num_classes - 1
+    kept = top_k if merged else num_classes
+    order = log_probs.argsort(dim=1, descending=True)
+    eye = torch.eye(num_classes, dtype=log_probs.dtype, device=log_probs.device)
+    top_row = eye[order[:, 0]]
+    rows = eye[order[:, 1:kept]] - top_row[:, None]
+    log_q = log_probs.gather(1, order[:, 1:kept])
+    neglected = None
+    if merged:
+        rest = log_probs.scatter(1, order[:, :kept], -math.inf)
+        log_rest = rest.logsumexp(dim=1, keepdim=True)
+        rows = torch.cat([rows, ((rest - log_rest).exp() - top_row)[:, None]], dim=1)
+        log_q = torch.cat([log_q, log_rest], dim=1)
+        neglected = log_rest.squeeze(1).exp()
+    u = (0.5 * log_q).exp()
+    c = 1.0 / (1.0 + (0.5 * log_probs.gather(1, order[:, :1])).exp())
+    factor = torch.diag_embed(u) - c[:, :, None] * u[:, :, None] * (u * u)[:, None, :]
+    return (factor @ rows).movedim(1, 0), neglected
 
 
 def functional_forward(model: Callable, dtype: torch.dtype, differentiable: bool) -> Callable[[Tensor], object]:

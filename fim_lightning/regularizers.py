@@ -3,7 +3,7 @@
 Each variant estimates a per-sample Fisher quantity R(x_i) with the graph to the parameters kept, and
 returns weight(step) * mean_i R(x_i):
 
-- `FisherTracePenalty`: tr F = E_z |W J z|^2 over Rademacher z (F = (W J)^T (W J), `algorithms.dual_weights`),
+- `FisherTracePenalty`: tr F = E_z |W J z|^2 over Rademacher z (F = (W J)^T (W J), `dual_weights`),
   one forward-mode JVP per probe.
 - `FisherSpectralPenalty`: lambda_max(F) through the Rayleigh quotient v^T F v = |W J v|^2 at an eigenvector
   v found without a graph (exact dual, or a few power steps); at the exact eigenvector its gradient is the
@@ -29,7 +29,9 @@ from torch import Tensor, nn
 
 from fim_lightning import algorithms
 from fim_lightning.guard import EVAL_PASSES, ForwardPasses, Mode, active_dropout, preserved_state
-from fim_lightning.operator import OUTPUT_KINDS, FisherOperator, OutputKind, check_inputs, log_probs_from_output
+from fim_lightning.operator import OUTPUT_KINDS, FisherOperator, OutputKind, check_inputs, dual_weights, \
+    log_probs_from_output
+from fim_lightning.sampling import rademacher, random_unit
 from fim_lightning.validation import check_choice, check_int, check_real
 
 
@@ -105,7 +107,7 @@ class FisherPenalty(nn.Module):
 def _quadratic_form(op: FisherOperator, tangent: Tensor) -> Tensor:
     """v^T F v = |W J v|^2 per sample, differentiable."""
     image = op.jvp(tangent)
-    weights = algorithms.dual_weights(op.log_probs)[0]
+    weights = dual_weights(op.log_probs)[0]
     return torch.einsum("kbc,bc->bk", weights, image.to(weights.dtype)).square().sum(-1)
 
 
@@ -119,7 +121,7 @@ class FisherTracePenalty(FisherPenalty):
 
     def per_sample(self, model, inputs, logits):
         op = self._operator(model, inputs)
-        return sum(_quadratic_form(op, algorithms.rademacher(inputs.shape, inputs, self.generator)) for _ in range(self.num_probes)) / self.num_probes
+        return sum(_quadratic_form(op, rademacher(inputs.shape, inputs, self.generator)) for _ in range(self.num_probes)) / self.num_probes
 
 
 class FisherSpectralPenalty(FisherPenalty):
@@ -155,7 +157,7 @@ class FisherKLPenalty(FisherPenalty):
         self.step_size = check_real("step_size", step_size, 0.0, strict=True)
 
     def per_sample(self, model, inputs, logits):
-        direction = algorithms.random_unit(inputs, self.generator)
+        direction = random_unit(inputs, self.generator)
         if logits is None:
             op = self._operator(model, inputs)  # in train mode: records the batch statistics of `inputs`
             log_p = op.log_probs

@@ -19,6 +19,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 from torch import Tensor
+from typing_extensions import override
 
 from fim_lightning import figures
 
@@ -58,6 +59,7 @@ class FigureWriter:
 
 
 class WandbMedia(FigureWriter):
+    @override
     def on_score(self, logger: WandbLogger, trainer: pl.Trainer, snapshot: Snapshot) -> None:
         import wandb
 
@@ -80,6 +82,7 @@ class WandbMedia(FigureWriter):
 
 
 class TensorBoardImages(FigureWriter):
+    @override
     def on_score(self, logger: TensorBoardLogger, trainer: pl.Trainer, snapshot: Snapshot) -> None:
         writer = logger.experiment
         writer.add_histogram(f"{snapshot.prefix}/spectral_norm/histogram", snapshot.spectral_norm.double().numpy(),
@@ -90,6 +93,7 @@ class TensorBoardImages(FigureWriter):
 
 
 class PngFiles(FigureWriter):
+    @override
     def on_end(self, logger: Any, trainer: pl.Trainer, snapshot: Snapshot) -> None:
         folder = self.folder(logger, trainer) / snapshot.prefix
         title = "lambda_max(F(x))"

@@ -7,7 +7,7 @@
 Scores through `Trainer.predict` (`recipes.scoring`): `trainer=ddp trainer.devices=N` (and
 `trainer.num_nodes`) shards the data with Lightning's distributed sampler. Rows stream to shards under
 `shards/<stage>/` as they are produced and are merged into `scores.csv` (columns: see
-`fim_lightning.evaluation`, with the model, data, regularizer, seed, stage and split on every row); run again
+`recipes.evaluation`, with the model, data, regularizer, seed, stage and split on every row); run again
 with the same output folder (`hydra.run.dir=...`) to resume a stopped evaluation. Prints a per-model summary.
 Feed the folders to `fim-report`.
 """
@@ -21,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fim_lightning.report import markdown, model_summaries, read_table
+from recipes.statistics import markdown, model_summaries, read_table
 from recipes.common import CONFIG_DIR
 from recipes.scoring import score_split
 

@@ -15,7 +15,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fim_lightning import report
+from recipes import statistics
 from fim_lightning.figures import save
 from recipes.common import CONFIG_DIR, machine
 from recipes.scoring import valid_shards
@@ -56,7 +56,7 @@ def score_files(folders: list[Path]) -> list[Path]:
     return files
 
 
-def unsupported(table: report.Table, columns: dict[str, str]) -> list[str]:
+def unsupported(table: statistics.Table, columns: dict[str, str]) -> list[str]:
     """Lines naming the runs that lack a column, and what the report cannot say for them."""
     lines = []
     for column, what in columns.items():
@@ -70,7 +70,7 @@ def unsupported(table: report.Table, columns: dict[str, str]) -> list[str]:
 
 def build_report(cfg: DictConfig) -> str:
     files = score_files(run_folders(cfg.runs))
-    table = report.read_table(files)
+    table = statistics.read_table(files)
     out = Path(cfg.output_dir)
     seeds = sorted(set(table["seed"].astype(int).tolist()))
     lines = ["# Fisher robustness report\n",
@@ -83,19 +83,19 @@ def build_report(cfg: DictConfig) -> str:
         lines += ["## What these runs cannot support\n", *gaps, ""]
 
     if cfg.target in table:
-        samples = report.sample_correlations(table, cfg.scores, cfg.target, GROUP, cfg.draws)
+        samples = statistics.sample_correlations(table, cfg.scores, cfg.target, GROUP, cfg.draws)
         lines += [f"## Per sample: correlation with `{cfg.target}`\n",
                   f"Correctly classified samples with finite values; mean over seeds of the per-seed correlation, "
                   f"95% bootstrap interval over seeds and samples ({cfg.draws} draws). Larger radius / CLEVER / "
                   f"margin and smaller lambda_max / trace / bound / grad_norm predict a larger minimal perturbation.\n",
-                  report.markdown(samples, [*GROUP, "score", "samples", "seeds", "spearman", "kendall", "pearson"]), ""]
+                  statistics.markdown(samples, [*GROUP, "score", "samples", "seeds", "spearman", "kendall", "pearson"]), ""]
 
-    summaries = report.model_summaries(table, GROUP)
+    summaries = statistics.model_summaries(table, GROUP)
     summary_names = list(dict.fromkeys(name for row in summaries for name in row))
-    report.write_table({name: np.array([row.get(name, np.nan) for row in summaries]) for name in summary_names},
+    statistics.write_table({name: np.array([row.get(name, np.nan) for row in summaries]) for name in summary_names},
                        out / "models.csv")
-    summary_columns = [*GROUP, "seed", *[name for name in report.MODEL_SUMMARIES if name in summary_names]]
-    lines += ["## Per run\n", report.markdown(summaries, summary_columns), ""]
+    summary_columns = [*GROUP, "seed", *[name for name in statistics.MODEL_SUMMARIES if name in summary_names]]
+    lines += ["## Per run\n", statistics.markdown(summaries, summary_columns), ""]
 
     present = {name for row in summaries for name in row}
     outcomes = [name for name in ("PGD L-inf accuracy", "PGD L2 accuracy", "median min perturbation")
@@ -103,32 +103,32 @@ def build_report(cfg: DictConfig) -> str:
     scores = [name for name in ("median lambda_max", "mean lambda_max", "median radius", "median bound",
                                 "median grad_norm") if name in present]
     stages = list(dict.fromkeys(row["stage"] for row in summaries))
-    across = [{"stage": stage, **row} for stage in stages for row in report.model_correlations(
+    across = [{"stage": stage, **row} for stage in stages for row in statistics.model_correlations(
         [r for r in summaries if r["stage"] == stage], scores, outcomes, GROUP, cfg.draws)]
     if across:
         lines += ["## Across models: ranking by score against ranking by attack\n",
                   "Per stage; seed-averaged per-model values; 95% bootstrap interval over seeds within each model.\n",
-                  report.markdown(across, ["stage", "score", "outcome", "models", "spearman", "kendall"]), ""]
+                  statistics.markdown(across, ["stage", "score", "outcome", "models", "spearman", "kendall"]), ""]
     if "median bound" in present:
         lines += ["## Theoretical ranking: the architecture bound against lambda_max and attacks\n"]
         for stage in stages:
             chosen = [r for r in summaries if r["stage"] == stage]
-            ranking = report.bound_ranking(chosen, GROUP, outcomes[0] if outcomes else None)
-            agreement = report.model_correlations(chosen, ["median bound"], ["median lambda_max", *outcomes], GROUP,
+            ranking = statistics.bound_ranking(chosen, GROUP, outcomes[0] if outcomes else None)
+            agreement = statistics.model_correlations(chosen, ["median bound"], ["median lambda_max", *outcomes], GROUP,
                                                   cfg.draws)
-            lines += [f"Stage `{stage}`:\n", report.markdown(ranking, list(ranking[0])), ""]
+            lines += [f"Stage `{stage}`:\n", statistics.markdown(ranking, list(ranking[0])), ""]
             if agreement:
-                lines += [report.markdown(agreement, ["score", "outcome", "models", "spearman", "kendall"]), ""]
+                lines += [statistics.markdown(agreement, ["score", "outcome", "models", "spearman", "kendall"]), ""]
 
     for score in ("radius", "lambda_max"):
         if score in table and cfg.target in table:
-            save(report.scatter_figure(table, score, cfg.target), out / f"scatter_{score}.png")
+            save(statistics.scatter_figure(table, score, cfg.target), out / f"scatter_{score}.png")
     if outcomes and "median lambda_max" in present:
-        save(report.ranking_figure(summaries, "median lambda_max", outcomes[0], GROUP), out / "ranking.png")
+        save(statistics.ranking_figure(summaries, "median lambda_max", outcomes[0], GROUP), out / "ranking.png")
     histories = {run_label(path.parent): path for path in sorted({p.resolve() for folder in run_folders(cfg.runs)
                                                                   for p in folder.rglob("fim_history.json")})}
     if histories:
-        save(report.curves_from_runs(histories), out / "fim_curves.png")
+        save(statistics.curves_from_runs(histories), out / "fim_curves.png")
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     return text

@@ -34,8 +34,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fim_lightning.evaluation import RobustnessEvaluation
-from fim_lightning.report import Table, read_table, write_table
+from recipes.evaluation import RobustnessEvaluation
+from recipes.statistics import Table, read_table, write_table
 
 SHARD = re.compile(r"rank(\d+)-(\d{9})-n(\d+)-([0-9a-f]{8})\.csv")
 STAGE_ORDER = ("init", "trained")

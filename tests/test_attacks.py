@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fim_lightning.attacks import (
+from recipes.attacks import (
     PGD,
     CarliniWagnerL2,
     TradesPenalty,

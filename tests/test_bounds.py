@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import fim_lightning as fl
-from fim_lightning import models
+from recipes import models
 from fim_lightning.bounds import fisher_spectral_bound, linear_operator_norm, lipschitz_layers
-from fim_lightning.models import Normalize, SmallCNN
+from recipes.models import Normalize, SmallCNN
 
 
 @pytest.mark.parametrize("stride, padding", [(1, 1), (2, 0), (2, 1)])

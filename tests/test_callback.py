@@ -13,6 +13,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 import fim_lightning as fl
+from torch import nn
 from tests.lightning_helpers import TinyClassifier, blobs, loaders, trainer
 
 
@@ -52,12 +53,12 @@ def test_logged_curves_match_an_independent_computation(tmp_path):
     spectral, trace = _independent_scores(callback, model)
     last = callback.history[-1]
     assert last["fim/spectral_norm/mean"] == pytest.approx(spectral.mean().item(), rel=1e-5)
-    assert last["fim/spectral_norm/median"] == pytest.approx(spectral.median().item(), rel=1e-5)
+    assert last["fim/spectral_norm/median"] == pytest.approx(spectral.quantile(0.5).item(), rel=1e-5)
     assert last["fim/spectral_norm/p90"] == pytest.approx(spectral.quantile(0.9).item(), rel=1e-5)
     assert last["fim/spectral_norm/max"] == pytest.approx(spectral.max().item(), rel=1e-5)
     assert last["fim/trace/mean"] == pytest.approx(trace.mean().item(), rel=1e-5)
     radius = fl.fisher_robustness_radius(model, callback.state_dict()["probe_inputs"], mode="eval")
-    assert last["fim/radius/median"] == pytest.approx(radius.median().item(), rel=1e-5)
+    assert last["fim/radius/median"] == pytest.approx(radius.quantile(0.5).item(), rel=1e-5)
     assert run.callback_metrics["fim/spectral_norm/mean"].item() == pytest.approx(last["fim/spectral_norm/mean"])
     folder = Path(run.log_dir) / "fim"
     assert {"curves.png", "histogram_step18.png", "eigenvectors_step18.png"} <= {p.name for p in folder.iterdir()}
@@ -109,29 +110,41 @@ def test_mixed_precision_trains_and_scores_in_float32(tmp_path, precision):
     assert callback.history[-1]["fim/spectral_norm/mean"] == pytest.approx(spectral.mean().item(), rel=1e-5)
 
 
-class _TupleModel(TinyClassifier):
+class _ScoredTuple(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
     def forward(self, x):
         return self.net(x), x
 
 
-class _OneClass(TinyClassifier):
-    def __init__(self):
-        super().__init__(classes=1)
+class _BadScoredModel(TinyClassifier):
+    """Trains normally; the module the callback scores (`scored`) returns what the callback cannot use."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.scored = _ScoredTuple(self.net) if kind == "tuple" else nn.Linear(12, 1)
 
 
-@pytest.mark.parametrize(
-    "model, data, match",
-    [
-        (TinyClassifier(), "none", "needs held-out data"),
-        (_TupleModel(), "val", "tuple"),
-        (_OneClass(), "val", "C >= 2"),
-    ],
-)
-def test_bad_configuration_fails_at_setup(tmp_path, model, data, match):
+@pytest.mark.parametrize("kind, match", [("tuple", "tuple"), ("one_class", "C >= 2")])
+@pytest.mark.parametrize("explicit_data", [True, False])
+def test_a_model_the_callback_cannot_score_fails_with_a_clear_message(tmp_path, kind, match, explicit_data):
+    """With `data=` the model is checked at setup; otherwise at the first evaluation (the probe set comes from
+    the trainer's public `val_dataloaders`, which Lightning fills when validation first runs)."""
     train, val = loaders()
-    run = trainer(tmp_path, [fl.FisherRobustnessCallback(num_samples=4)], max_epochs=1)
+    data = {"data": blobs(n=30, seed=5)} if explicit_data else {}
+    run = trainer(tmp_path, [fl.FisherRobustnessCallback(num_samples=4, model_attribute="scored", **data)],
+                  max_epochs=1)
     with pytest.raises(MisconfigurationException, match=match):
-        run.fit(model, train, val if data == "val" else None)
+        run.fit(_BadScoredModel(kind), train, val)
+
+
+def test_missing_held_out_data_is_named(tmp_path):
+    train, _ = loaders()
+    run = trainer(tmp_path, [fl.FisherRobustnessCallback(num_samples=4)], max_epochs=1)
+    with pytest.raises(MisconfigurationException, match="needs held-out data"):
+        run.fit(TinyClassifier(), train)
 
 
 def test_bad_arguments_fail_at_construction():
@@ -242,7 +255,7 @@ def test_wandb_gets_eigenvector_images_for_image_inputs(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     from torch.utils.data import DataLoader, TensorDataset
 
-    from fim_lightning.models import SmallCNN
+    from recipes.models import SmallCNN
     from fim_lightning.module import ImageClassifier
 
     gen = torch.Generator().manual_seed(0)

@@ -20,9 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import fim_lightning as fl
-from fim_lightning import attacks, figures, report
+from fim_lightning import figures
+from recipes import attacks
+from recipes import statistics as report
 from fim_lightning.blackbox import blackbox_fisher, numpy_predictor
 from fim_lightning.module import FisherRegularizedClassifier
+from fim_lightning.sampling import random_unit
 from tests.conftest import dense_fisher, make_cnn, make_mlp
 from tests.lightning_helpers import TinyClassifier, blobs, loaders, trainer
 
@@ -61,8 +64,14 @@ def test_kl_penalty_with_bf16_logits_equals_the_float32_penalty(mode):
     reused = fl.FisherKLPenalty(weight=1.0, mode=mode)(net, x, logits=logits)
     # both are the float32 penalty on the same direction: equal up to float32 rounding of the same ops
     torch.testing.assert_close(reused, reference, rtol=1e-5, atol=0)
-    logits32 = net(x)  # float32 logits of the same function are reused and change the value by rounding only
-    torch.testing.assert_close(fl.FisherKLPenalty(weight=1.0, mode=mode)(net, x, logits=logits32), reference,
+    # float32 logits are reused: then one forward at x + h u, normalised by its own batch statistics in train
+    # mode, exactly the formula d * 2 KL(p(x) || p(x + h u)) / h^2 evaluated here by hand
+    logits32 = net(x)
+    direction = random_unit(x, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        log_p, log_q = logits32.double().log_softmax(-1), net(x + 1e-2 * direction).double().log_softmax(-1)
+    by_hand = (x.shape[1] * 2 * (log_p.exp() * (log_p - log_q)).sum(-1) / 1e-4).mean().float()
+    torch.testing.assert_close(fl.FisherKLPenalty(weight=1.0, mode=mode)(net, x, logits=logits32), by_hand,
                                rtol=1e-4, atol=0)
     # what reusing the bf16 logits would give: the KL of bf16 against float32 rounding, several times too large
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fim_lightning.data import (
+from recipes.data import (
     ImageFolderDataModule,
     ImageTensors,
     MedMNISTDataModule,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fim_lightning as fl
-from fim_lightning.evaluation import RobustnessEvaluation
+from recipes.evaluation import RobustnessEvaluation
 from tests.conftest import make_cnn
 from tests.test_attacks import _multiclass_linear
 

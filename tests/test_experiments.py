@@ -12,8 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fim_lightning.models import Normalize
-from fim_lightning.report import correlation, read_table
+from recipes.models import Normalize
+from recipes.statistics import correlation, read_table
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

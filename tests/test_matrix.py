@@ -43,7 +43,8 @@ from PIL import Image
 
 import fim_lightning as fl
 from fim_lightning import figures
-from fim_lightning.callback import _SCORES, summarize
+from fim_lightning.callback import _SCORES
+from fim_lightning.reductions import summarize
 from tests.matrix_cell import PENALTIES, build_net, images
 
 ROOT = Path(__file__).resolve().parents[1]

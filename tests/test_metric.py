@@ -22,7 +22,7 @@ def test_accumulates_per_sample_values_across_batches():
                 metric.update(model, x)
     torch.testing.assert_close(metrics["none"].compute(), reference)
     torch.testing.assert_close(metrics["mean"].compute(), reference.mean())
-    torch.testing.assert_close(metrics["median"].compute(), reference.median())
+    torch.testing.assert_close(metrics["median"].compute(), reference.quantile(0.5))
     torch.testing.assert_close(metrics["max"].compute(), reference.max())
     torch.testing.assert_close(metrics[0.9].compute(), reference.quantile(0.9))
 
@@ -64,3 +64,44 @@ def test_in_a_lightning_module_without_registering_the_model_twice(tmp_path):
     torch.testing.assert_close(run.callback_metrics["val_fim"], reference, rtol=1e-5, atol=0)
     results = run.validate(model, val)
     assert results[0]["val_fim"] == pytest.approx(reference.item(), rel=1e-5)
+
+
+# torchmetrics' own conventions (the checks of its MetricTester: class against functional, precision,
+# pickling, scriptability; DDP is tests/test_ddp.py and tests/test_matrix.py)
+@pytest.mark.parametrize("reduction", ["mean", "median", "max", 0.9, "none"])
+def test_the_metric_equals_its_functional_twin(reduction):
+    model, batches = make_cnn(), _batches()
+    metric = fl.FisherSpectralNorm(reduction=reduction)
+    for x in batches:
+        metric.update(model, x)
+    twin = fl.fisher_spectral_norm(model, torch.cat(batches), reduction=reduction)
+    torch.testing.assert_close(metric.compute(), twin.float(), rtol=1e-5, atol=0)
+
+
+def test_median_is_numpy_median_on_even_counts():
+    import numpy as np
+
+    model, batches = make_cnn(), _batches()[:2]  # 8 samples
+    metric = fl.FisherSpectralNorm(reduction="median")
+    for x in batches:
+        metric.update(model, x)
+    values = fl.fisher_spectral_norm(model, torch.cat(batches)).float().numpy()
+    assert metric.compute().item() == pytest.approx(float(np.median(values)), rel=1e-6)
+
+
+def test_pickles_scripts_and_takes_any_input_precision():
+    import pickle
+
+    model, batches = make_cnn(), _batches()
+    metric = fl.FisherSpectralNorm()
+    metric.update(model, batches[0])
+    restored = pickle.loads(pickle.dumps(metric))
+    restored.update(model, batches[1])
+    metric.update(model, batches[1])
+    torch.testing.assert_close(restored.compute(), metric.compute())
+    torch.jit.script(fl.FisherSpectralNorm())  # no string annotations TorchScript cannot resolve
+    reference = fl.fisher_spectral_norm(model, batches[0]).float().mean()
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        value = fl.FisherSpectralNorm()(model, batches[0].to(dtype))
+        rtol = 1e-5 if dtype == torch.float64 else 5e-2  # half inputs are rounded, then scored in float32
+        torch.testing.assert_close(value, reference, rtol=rtol, atol=0)

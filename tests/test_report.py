@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fim_lightning import report
+from recipes import statistics as report
 
 
 def _ranks(values):

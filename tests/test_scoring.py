@@ -11,8 +11,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from fim_lightning.evaluation import RobustnessEvaluation
-from fim_lightning.report import read_table, write_table
+from recipes.evaluation import RobustnessEvaluation
+from recipes.statistics import read_table, write_table
 from recipes.report import score_files
 from recipes.scoring import (ScoringDataModule, ScoringModule, ShardWriter, merge_shards, score_split,
                              shard_is_valid, valid_shards)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fim_lightning import attacks
+from recipes import attacks
 from fim_lightning.blackbox import blackbox_fisher
 from fim_lightning.bounds import fisher_spectral_bound
 from fim_lightning.functional import fisher_scores

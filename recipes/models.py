@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from fim_lightning.bounds import register_layer_bound
+
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel, as the model's first layer."""
@@ -145,3 +147,6 @@ def cifar_vit(num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
     net.conv_proj = _first_conv(in_channels, net.conv_proj)
     net.heads.head.reset_parameters()
     return _normalized(net, in_channels, mean, std)
+
+
+register_layer_bound(Normalize, lambda layer, input_shape: 1.0 / layer.std.min().item())
