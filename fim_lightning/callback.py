@@ -35,13 +35,22 @@ def _first_loader(loaders: Any) -> Any:
     return loaders
 
 
+def _run_name(trainer: pl.Trainer) -> str:
+    """The first logger's name and version (what W&B, TensorBoard and CSV show), else the root folder."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if logger is not None and logger.name:
+        return f"{logger.name} {logger.version}" if logger.version is not None else str(logger.name)
+    return str(trainer.default_root_dir)
+
+
 class FisherRobustnessCallback(Callback):
     r"""Score a fixed probe set of held-out samples with the input-space Fisher information and log it.
 
     For each probe x: lambda_max(F(x)), tr F(x) and the robustness radius
     (log p_1 - log p_2) / sqrt(lambda_max), where F(x) = J^T (diag p - p p^T) J. Their summaries (mean,
     median, 90th percentile, max) go to every logger as ``{prefix}/spectral_norm/mean`` and so on, against the
-    global step, and into ``trainer.callback_metrics`` (so ModelCheckpoint / EarlyStopping can monitor them).
+    global step (``{prefix}/test/spectral_norm/mean`` for a standalone ``test``, likewise ``validate``), and into
+    ``trainer.callback_metrics`` (so ModelCheckpoint / EarlyStopping can monitor them).
     Figures go through each logger's writer (`fim_lightning.writers`): W&B media and TensorBoard image
     summaries (histogram, eigenvector images: grey 0, red +, blue -) at every evaluation; for other loggers
     (or none) PNG files under ``{log_dir}/{prefix}/`` at the end of ``fit`` (and of standalone
@@ -259,24 +268,34 @@ class FisherRobustnessCallback(Callback):
         self._ensure_probe_set(trainer, pl_module)
         world, rank = trainer.world_size, trainer.global_rank
         share = self._probe_inputs[rank::world]
-        local, vectors = self._score_share(share, pl_module)
+        local, vectors, predictions = self._score_share(share, pl_module)
         values = self._gather(trainer, local, len(self._probe_inputs), world)
         stats = {}
         for column, name in enumerate(_SCORES):
             stats.update(summarize(values[:, column], f"{self.prefix}/{name}"))
-        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": trainer.state.fn.value, **stats}
+        stage = trainer.state.fn.value
+        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": stage, **stats}
         self.history.append(record)
+        logged = {self.logged_key(key, stage): value for key, value in stats.items()}
         for logger in trainer.loggers:
-            logger.log_metrics(stats, step=trainer.global_step)
-        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in stats.items()})
+            logger.log_metrics(logged, step=trainer.global_step)
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in logged.items()})
+        shown = values[::world][: len(vectors)]  # this rank's first probes, in probe-set order
         self._latest = writers.Snapshot(
             prefix=self.prefix, step=trainer.global_step, spectral_norm=values[:, 0], eigenvectors=vectors,
-            eigenvalues=values[::world, 0][: len(vectors)], history=list(self.history), curve_keys=self._curve_keys(),
+            eigenvalues=shown[:, 0], history=list(self.history), curve_keys=self._curve_keys(),
+            inputs=share[: len(vectors)].cpu(), radii=shown[:, 2], predictions=predictions,
+            run=_run_name(trainer),
         )
         self._write_figures(trainer, "on_score")
         if trainer.state.fn != TrainerFn.FITTING:
             self._write_figures(trainer, "on_end")
         return stats
+
+    def logged_key(self, key: str, stage: str) -> str:
+        """The key a statistic is logged under: `{prefix}/...` while fitting, `{prefix}/{stage}/...` in a
+        standalone validate or test, so those points can be told apart from the training curve."""
+        return key if stage == TrainerFn.FITTING.value else f"{self.prefix}/{stage}/{key.removeprefix(self.prefix + '/')}"
 
     def _write_figures(self, trainer: pl.Trainer, event: str) -> None:
         """Figures of the latest evaluation through each logger's writer (`writers`), on global rank 0 only."""
@@ -295,26 +314,31 @@ class FisherRobustnessCallback(Callback):
         except Exception as error:  # never hide the exception that stopped the run
             warnings.warn(f"FisherRobustnessCallback could not write its figures after {exception!r}: {error!r}")
 
-    def _score_share(self, share: Tensor, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
-        """(n, 3) spectral norm, trace, radius of this rank's probes, and its first top eigenvectors."""
+    def _score_share(self, share: Tensor, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor, Tensor]:
+        """(n, 3) spectral norm, trace, radius of this rank's probes, and its first top eigenvectors with
+        their predicted classes."""
         options = dict(self.estimator_options)
         generator = None
         if "generator" in METHODS[self.method][1]:
             generator = torch.Generator()
             generator.set_state(self._generator_state)
             options["generator"] = generator
-        columns, vectors = [], []
+        columns, vectors, predictions = [], [], []
         for chunk in share.split(self.batch_size):
             scores = fisher_scores(
                 self._scored_model(pl_module), chunk.to(pl_module.device), self.method, output=self.output,
                 mode="eval", **options,
             )
             columns.append(torch.stack([scores.spectral_norm, scores.trace, scores.radius], dim=1).double())
-            vectors.append(scores.eigenvector[: self.num_eigenvectors - sum(len(v) for v in vectors)].cpu())
+            wanted = self.num_eigenvectors - sum(len(v) for v in vectors)
+            vectors.append(scores.eigenvector[:wanted].cpu())
+            predictions.append(scores.prediction[:wanted].cpu())
         if generator is not None:
             self._generator_state = generator.get_state()
         local = torch.cat(columns) if columns else torch.zeros(0, len(_SCORES), dtype=torch.float64)
-        return local.to(pl_module.device), torch.cat(vectors) if vectors else torch.zeros(0)
+        if not vectors:
+            return local.to(pl_module.device), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        return local.to(pl_module.device), torch.cat(vectors), torch.cat(predictions)
 
     @staticmethod
     def _gather(trainer: pl.Trainer, local: Tensor, total: int, world: int) -> Tensor:

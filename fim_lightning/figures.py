@@ -5,12 +5,16 @@ global figure state are never touched.
 """
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LinearSegmentedColormap, Normalize
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -22,27 +26,76 @@ def new_figure(width: float = 5.0, height: float = 3.5) -> Figure:
     return figure
 
 
-def histogram_figure(values: Tensor, title: str) -> Figure:
+def histogram_figure(values: Tensor, label: str, title: str = "") -> Figure:
+    """Histogram of the finite per-sample values; log-spaced bins and axis when they span over a decade."""
     figure = new_figure()
     ax = figure.add_subplot()
-    ax.hist(values.detach().cpu().double().numpy(), bins=30)
-    ax.set_xlabel(title)
+    data = values.detach().cpu().double().numpy()
+    data = data[np.isfinite(data)]
+    positive = data[data > 0]
+    if len(positive) == len(data) and len(data) and positive.max() > 10 * positive.min():
+        ax.hist(data, bins=np.geomspace(positive.min(), positive.max(), 31))
+        ax.set_xscale("log")
+    else:
+        ax.hist(data, bins=30)
+    ax.set_xlabel(label)
     ax.set_ylabel("samples")
+    ax.set_title(title or f"{label}: {len(data)} samples", fontsize="small")
     return figure
 
 
-def curves_figure(history: Sequence[dict], keys: Sequence[str], title: str) -> Figure:
-    """One line per key of the history records, against their global step."""
+def curves_figure(history: Sequence[dict], keys: Sequence[str], label: str, title: str = "") -> Figure:
+    """One line per key of the (training) history records, against their global step; `title` names the run."""
     figure = new_figure()
     ax = figure.add_subplot()
-    steps = [record["step"] for record in history]
+    records = [record for record in history if all(key in record for key in keys)]
+    steps = [record["step"] for record in records]
     for key in keys:
-        ax.plot(steps, [record[key] for record in history], marker="o", label=key)
+        ax.plot(steps, [record[key] for record in records], marker="o", label=key)
     ax.set_xlabel("global step")
-    ax.set_ylabel(title)
+    ax.set_ylabel(label)
     ax.set_yscale("log")
+    ax.set_title(title, fontsize="small")
     ax.legend(fontsize="small")
     return figure
+
+
+def overlay_curves(runs: Mapping[str, Union[str, Path, Sequence[dict]]], key: str = "fim/spectral_norm/median",
+                   title: str = "") -> Figure:
+    """The FIM curve `key` of several runs in one figure. Each run is a CSVLogger `metrics.csv`, a fim-train
+    `fim_history.json`, or rows with `key` and a step (`trainer/global_step`, `step` or `_step`), e.g. a W&B
+    run's `wandb.Api().run(path).history(pandas=False)`."""
+    figure = new_figure(width=6.0, height=4.0)
+    ax = figure.add_subplot()
+    for label, run in runs.items():
+        rows = _rows(run)
+        points = [(_step(row), float(row[key])) for row in rows if row.get(key) not in (None, "")]
+        if not points:
+            raise ValueError(f"run {label!r} has no values of {key!r}")
+        ax.plot(*zip(*points), marker="o", ms=3, label=label)
+    ax.set_xlabel("global step")
+    ax.set_ylabel(key)
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize="small")
+    ax.legend(fontsize="x-small")
+    return figure
+
+
+def _rows(run: Union[str, Path, Sequence[dict]]) -> list[dict]:
+    if not isinstance(run, (str, Path)):
+        return list(run)
+    path = Path(run)
+    if path.suffix == ".json":
+        return [row for row in json.loads(path.read_text()) if row.get("stage", "fit") == "fit"]
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _step(row: dict) -> float:
+    for name in ("trainer/global_step", "step", "_step"):
+        if row.get(name) not in (None, ""):
+            return float(row[name])
+    raise ValueError(f"a row without a step: {sorted(row)}")
 
 
 GREY = np.array([128, 128, 128], dtype=np.float64)
@@ -71,19 +124,55 @@ def is_image_batch(vectors: Tensor) -> bool:
     return vectors.ndim == 4 and vectors.shape[1] in (1, 3)
 
 
-def eigenvector_figure(vectors: Tensor, values: Tensor) -> Figure:
-    """The most sensitive input directions, as images (image inputs: `signed_rgb`) or as profiles (others)."""
+def signed_colormap() -> LinearSegmentedColormap:
+    """The colours of `signed_rgb` on [-1, 1]: blue, grey at 0, red."""
+    return LinearSegmentedColormap.from_list("fim_signed", [BLUE / 255, GREY / 255, RED / 255])
+
+
+def eigenvector_figure(vectors: Tensor, values: Tensor, inputs: Optional[Tensor] = None,
+                       radii: Optional[Tensor] = None, predictions: Optional[Tensor] = None) -> Figure:
+    """The most sensitive input direction v of each probe x. Image inputs: one row per probe with x, v
+    (`signed_rgb`, with its colour bar) and x + r v moved by the radius r (shown rescaled to [0, 1]); other
+    inputs: v as a profile. Titles give lambda_max, the predicted class and r."""
     count = len(vectors)
-    figure = new_figure(2.2 * count, 2.4)
-    for i, (vector, value) in enumerate(zip(vectors, values)):
-        ax = figure.add_subplot(1, count, i + 1)
-        if is_image_batch(vectors):
-            ax.imshow(signed_rgb(vector[None])[0], interpolation="nearest")
+    images = is_image_batch(vectors) and inputs is not None and len(inputs) >= count
+    if not images:
+        figure = new_figure(2.2 * count, 2.4)
+        for i, (vector, value) in enumerate(zip(vectors, values)):
+            ax = figure.add_subplot(1, count, i + 1)
+            if is_image_batch(vectors):
+                ax.imshow(signed_rgb(vector[None])[0], interpolation="nearest")
+                ax.set_axis_off()
+            else:
+                ax.plot(vector.detach().cpu().flatten().double().numpy())
+                ax.set_xlabel("input coordinate")
+            ax.set_title(f"lambda_max {value:.3g}", fontsize="small")
+        return figure
+    figure = new_figure(7.5, 2.3 * count)
+    axes = figure.subplots(count, 3, squeeze=False)
+    for i in range(count):
+        x, v = inputs[i].detach().cpu().double(), vectors[i].detach().cpu().double()
+        radius = float(radii[i]) if radii is not None else float("nan")
+        moved = x + (radius if np.isfinite(radius) else 0.0) * v
+        shown = [_display(x), signed_rgb(v[None])[0], _display(moved)]
+        prediction = f", class {int(predictions[i])}" if predictions is not None else ""
+        titles = [f"input{prediction}", f"direction, lambda_max {float(values[i]):.3g}", f"x + r v, r = {radius:.3g}"]
+        for ax, image, title in zip(axes[i], shown, titles):
+            ax.imshow(image, interpolation="nearest", cmap="gray" if image.ndim == 2 else None)
+            ax.set_title(title, fontsize="small")
             ax.set_axis_off()
-        else:
-            ax.plot(vector.detach().cpu().flatten().double().numpy())
-        ax.set_title(f"lambda_max {value:.3g}", fontsize="small")
+    mappable = ScalarMappable(norm=Normalize(-1, 1), cmap=signed_colormap())
+    figure.colorbar(mappable, ax=axes[:, 1].tolist(), label="direction / max |direction|", shrink=0.8)
     return figure
+
+
+def _display(image: Tensor) -> np.ndarray:
+    """An (C, H, W) input as an HxW(x3) array in [0, 1] (rescaled when it leaves [0, 1])."""
+    low, high = image.min(), image.max()
+    if low < 0 or high > 1:
+        image = (image - low) / (high - low).clamp_min(1e-12)
+    array = image.numpy()
+    return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
 
 
 def save(figure: Figure, path: Path) -> Path:

@@ -136,9 +136,21 @@ def fisher_vector_product(
         return op.matvec(vectors).detach()
 
 
+def _margin(op: FisherOperator) -> Tensor:
+    """log p_top1 - log p_top2 (= z_top1 - z_top2) per sample, float64."""
+    top2 = op.log_probs.topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
+
+
 def _margin_over_sqrt(op: FisherOperator, eigenvalue: Tensor) -> Tensor:
-    top2 = op.log_probs.topk(2, dim=1).values.to(eigenvalue.dtype)
-    return (top2[:, 0] - top2[:, 1]) / eigenvalue.sqrt()
+    return _margin(op).to(eigenvalue.dtype) / eigenvalue.sqrt()
+
+
+def _margin_gradient_norm(op: FisherOperator) -> Tensor:
+    """|grad_x (z_top1 - z_top2)| per sample: one VJP on the recorded graph, no new forward."""
+    order = op.log_probs.topk(2, dim=1).indices
+    cotangent = torch.zeros_like(op.log_probs).scatter(1, order[:, :1], 1.0).scatter(1, order[:, 1:], -1.0)
+    return op.nan_invalid(op.vjp(cotangent).flatten(1).to(torch.float64).norm(dim=1))
 
 
 def fisher_robustness_radius(
@@ -166,13 +178,17 @@ def fisher_robustness_radius(
 
 @dataclass(frozen=True)
 class FisherScores:
-    """Per-sample scores from one operator: lambda_max, tr F, robustness radius, top eigenvector, and with
-    `top_k` the probability merged into one class (lambda_max and tr F are then of the merged F)."""
+    """Per-sample scores from one operator: lambda_max, tr F, robustness radius, top eigenvector, the
+    prediction and margin log p_top1 - log p_top2, with `margin_gradient=True` |grad_x (z_top1 - z_top2)|, and
+    with `top_k` the probability merged into one class (lambda_max and tr F are then of the merged F)."""
 
     spectral_norm: Tensor
     trace: Tensor
     radius: Tensor
     eigenvector: Tensor
+    prediction: Tensor
+    margin: Tensor
+    margin_gradient_norm: Optional[Tensor] = None
     neglected_mass: Optional[Tensor] = None
 
 
@@ -185,17 +201,23 @@ def fisher_scores(
     mode: Optional[Mode] = None,
     model_dtype: Optional[torch.dtype] = None,
     dtype: torch.dtype = torch.float64,
+    margin_gradient: bool = False,
     **options,
 ) -> FisherScores:
-    """Everything the Lightning layer logs, sharing one forward pass (and, for "exact", one set of VJPs)."""
+    """Everything the Lightning layer logs, sharing one forward pass (and, for "exact", one set of VJPs);
+    `margin_gradient=True` adds |grad_x (z_top1 - z_top2)| for one more VJP."""
     algorithm = select_algorithm(METHODS, method, options)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         pair = algorithm(op, dtype=dtype, **options)
         trace = pair.trace if pair.trace is not None else algorithms.exact_trace(op, dtype=dtype).value
+        margin = op.nan_invalid(_margin(op))
         return FisherScores(
             spectral_norm=pair.eigenvalue,
             trace=trace,
             radius=_margin_over_sqrt(op, pair.eigenvalue),
             eigenvector=pair.eigenvector.detach(),
+            prediction=op.log_probs.argmax(1),
+            margin=margin,
+            margin_gradient_norm=_margin_gradient_norm(op) if margin_gradient else None,
             neglected_mass=pair.neglected_mass,
         )

@@ -36,6 +36,10 @@ class Snapshot:
         eigenvalues: (k,) their lambda_max.
         history: the curve records so far.
         curve_keys: the history keys plotted as curves.
+        inputs: (k, *input_shape) the probes the eigenvectors belong to.
+        radii: (k,) their robustness radii.
+        predictions: (k,) their predicted classes.
+        run: the run's name for figure titles.
     """
 
     prefix: str
@@ -45,6 +49,10 @@ class Snapshot:
     eigenvalues: Tensor
     history: list[dict]
     curve_keys: list[str]
+    inputs: Tensor
+    radii: Tensor
+    predictions: Tensor
+    run: str = ""
 
 
 class FigureWriter:
@@ -75,8 +83,11 @@ class WandbMedia(FigureWriter):
         }
         if figures.is_image_batch(snapshot.eigenvectors) and len(snapshot.eigenvectors):
             media[f"{snapshot.prefix}/eigenvectors"] = [
-                wandb.Image(image, caption=f"lambda_max {value:.3g} (red +, blue -, grey 0)")
-                for image, value in zip(figures.signed_rgb(snapshot.eigenvectors), snapshot.eigenvalues.tolist())
+                wandb.Image(image, caption=f"class {int(predicted)}, lambda_max {value:.3g}, radius {radius:.3g} "
+                                           "(red +, blue -, grey 0)")
+                for image, value, radius, predicted in zip(figures.signed_rgb(snapshot.eigenvectors),
+                                                           snapshot.eigenvalues.tolist(), snapshot.radii.tolist(),
+                                                           snapshot.predictions.tolist())
             ]
         logger.experiment.log(media)
 
@@ -96,12 +107,16 @@ class PngFiles(FigureWriter):
     @override
     def on_end(self, logger: Any, trainer: pl.Trainer, snapshot: Snapshot) -> None:
         folder = self.folder(logger, trainer) / snapshot.prefix
-        title = "lambda_max(F(x))"
-        figures.save(figures.histogram_figure(snapshot.spectral_norm, title),
+        label = "lambda_max(F(x))"
+        figures.save(figures.histogram_figure(snapshot.spectral_norm, label,
+                                              f"{snapshot.run}: lambda_max of {len(snapshot.spectral_norm)} probes, "
+                                              f"step {snapshot.step}"),
                      folder / f"histogram_step{snapshot.step}.png")
-        figures.save(figures.curves_figure(snapshot.history, snapshot.curve_keys, title), folder / "curves.png")
+        figures.save(figures.curves_figure(snapshot.history, snapshot.curve_keys, label, snapshot.run),
+                     folder / "curves.png")
         if len(snapshot.eigenvectors):
-            figures.save(figures.eigenvector_figure(snapshot.eigenvectors, snapshot.eigenvalues),
+            figures.save(figures.eigenvector_figure(snapshot.eigenvectors, snapshot.eigenvalues, snapshot.inputs,
+                                                    snapshot.radii, snapshot.predictions),
                          folder / f"eigenvectors_step{snapshot.step}.png")
 
     @staticmethod

@@ -12,6 +12,9 @@ from omegaconf import OmegaConf
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 logging.getLogger("art").setLevel(logging.WARNING)  # ART logs every attack at INFO through Hydra's root handler
 OmegaConf.register_new_resolver(
+    "fim_output_dir", lambda run_dir, default: f"{run_dir}/evaluate" if run_dir else default, replace=True,
+)
+OmegaConf.register_new_resolver(
     "wandb_offline", lambda: "WANDB_API_KEY" not in os.environ and os.environ.get("WANDB_MODE") != "online",
     replace=True,
 )

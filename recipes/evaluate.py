@@ -13,6 +13,7 @@ Feed the folders to `fim-report`.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -24,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from recipes.statistics import markdown, model_summaries, read_table
 from recipes.common import CONFIG_DIR
 from recipes.scoring import score_split
+
+log = logging.getLogger(__name__)
 
 
 def load_net(cfg: DictConfig) -> torch.nn.Module:
@@ -56,12 +59,12 @@ def evaluate(cfg: DictConfig) -> Path:
     pl.seed_everything(cfg.seed)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     meta = {**dict(cfg.tags), "seed": cfg.seed}
-    path = score_split(trainer, load_net(cfg), instantiate(cfg.evaluation), instantiate(cfg.data), cfg.split,
-                       cfg.num_samples, meta, Path(cfg.output_dir), cfg.stage)
+    path = score_split(trainer, load_net(cfg), instantiate(cfg.evaluation), instantiate(cfg.data), cfg.evaluate.split,
+                       cfg.evaluate.num_samples, meta, Path(cfg.output_dir), cfg.stage)
     if trainer.is_global_zero:
         summary = model_summaries(read_table([path]))
-        print(markdown(summary, [c for c in summary[0] if c not in ("stage",)]))
-        print(f"per-sample scores: {path}")
+        log.info(markdown(summary, [c for c in summary[0] if c not in ("stage",)]))
+        log.info(f"per-sample scores: {path}")
     return path
 
 

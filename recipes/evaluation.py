@@ -9,8 +9,9 @@ Columns (one value per sample):
   probability of the classes merged into one (lambda_max is then a lower bound).
 - `lambda_max_blackbox`: `blackbox_fisher` from `blackbox_queries` queries per sample.
 - `bound`: `fisher_spectral_bound` at the sample (an upper bound on lambda_max).
-- `grad_norm`: the "Lipschitz" baseline |grad_x (z_top1 - z_top2)|, the local slope of the logit margin
-  (margin / grad_norm is DeepFool's first linear step).
+- `grad_norm`: the "Lipschitz" baseline |grad_x (z_top1 - z_top2)|, the local slope of the logit margin;
+  `linear_step` = margin / grad_norm, DeepFool's first (linear) step: the distance to the decision boundary
+  of the linearised margin, the strongest cheap baseline (one gradient per sample).
 - `clever`: ART's CLEVER score (first `clever_samples` samples; NaN after).
 - `pgd_linf_robust`, `pgd_l2_robust`, `cw_robust`: still correct under ART's PGD (`pgd_linf_eps`,
   `pgd_l2_eps`, `pgd_steps` steps, one random start) and Carlini-Wagner L2 (`cw_const`, `cw_steps`);
@@ -77,9 +78,10 @@ class RobustnessEvaluation:
     def fisher_columns(self, model: nn.Module, images: Tensor, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Prediction, margin, Fisher scores, black-box estimate, bound and gradient-norm baseline of one batch."""
         options = {"top_k": self.top_k} if self.top_k is not None else {}
-        scores = fisher_scores(model, images, model_dtype=self.model_dtype, **options)
+        scores = fisher_scores(model, images, model_dtype=self.model_dtype, margin_gradient=True, **options)
         parts = {"lambda_max": scores.spectral_norm, "trace": scores.trace, "radius": scores.radius,
-                 **_margin_and_slope(model, images)}
+                 "prediction": scores.prediction, "margin": scores.margin, "grad_norm": scores.margin_gradient_norm,
+                 "linear_step": scores.margin / scores.margin_gradient_norm}
         if self.top_k is not None:
             parts["neglected_mass"] = scores.neglected_mass
         if self.blackbox_queries is not None:
@@ -142,13 +144,3 @@ class RobustnessEvaluation:
                  for start in tqdm(range(0, len(images), self.batch_size), desc="evaluation",
                                    disable=not self.progress, leave=False)]
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-
-
-def _margin_and_slope(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
-    """prediction, margin log p1 - log p2 (= z1 - z2) and |grad_x (z1 - z2)| per sample."""
-    with preserved_state(model, x, mode="eval"), torch.enable_grad():
-        inputs = x.detach().requires_grad_(True)
-        top2 = model(inputs).topk(2, dim=1)
-        margin = top2.values[:, 0] - top2.values[:, 1]
-        (gradient,) = torch.autograd.grad(margin.sum(), inputs)
-    return {"prediction": top2.indices[:, 0], "margin": margin.detach(), "grad_norm": gradient.flatten(1).norm(dim=1)}

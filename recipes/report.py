@@ -9,6 +9,7 @@ perturbation), `ranking.png` (architectures by median lambda_max with their robu
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -19,6 +20,8 @@ from recipes import statistics
 from fim_lightning.figures import save
 from recipes.common import CONFIG_DIR, machine
 from recipes.scoring import valid_shards
+
+log = logging.getLogger(__name__)
 
 GROUP = ("model", "regularizer", "stage")
 
@@ -101,7 +104,7 @@ def build_report(cfg: DictConfig) -> str:
     outcomes = [name for name in ("PGD L-inf accuracy", "PGD L2 accuracy", "median min perturbation")
                 if name in present]
     scores = [name for name in ("median lambda_max", "mean lambda_max", "median radius", "median bound",
-                                "median grad_norm") if name in present]
+                                "median grad_norm", "median linear_step") if name in present]
     stages = list(dict.fromkeys(row["stage"] for row in summaries))
     across = [{"stage": stage, **row} for stage in stages for row in statistics.model_correlations(
         [r for r in summaries if r["stage"] == stage], scores, outcomes, GROUP, cfg.draws)]
@@ -136,7 +139,7 @@ def build_report(cfg: DictConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="report")
 def main(cfg: DictConfig) -> None:
-    print(build_report(cfg))
+    log.info(build_report(cfg))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from fim_lightning.figures import new_figure
 Table = dict[str, np.ndarray]
 METHODS: dict[str, Callable] = {"spearman": stats.spearmanr, "kendall": stats.kendalltau, "pearson": stats.pearsonr}
 META = ("model", "data", "regularizer", "seed", "stage")
-SCORES = ("radius", "lambda_max", "lambda_max_blackbox", "trace", "bound", "grad_norm", "clever", "margin")
+SCORES = ("radius", "linear_step", "lambda_max", "lambda_max_blackbox", "trace", "bound", "grad_norm", "clever",
+          "margin")
 
 
 def read_table(paths: Iterable[Path]) -> Table:
@@ -177,6 +178,7 @@ MODEL_SUMMARIES = {
     "mean lambda_max": ("lambda_max", np.nanmean),
     "median bound": ("bound", np.nanmedian),
     "median grad_norm": ("grad_norm", np.nanmedian),
+    "median linear_step": ("linear_step", np.nanmedian),
 }
 
 
@@ -281,17 +283,19 @@ def ranking_figure(summaries: list[dict], score: str, outcome: str,
     return figure
 
 
-def curves_from_runs(histories: dict[str, Path], key: str = "fim/spectral_norm/median") -> Figure:
-    """FIM curves over training from each run's `fim_history.json` (the callback's history), one line a run."""
+def curves_from_runs(histories: dict[str, Path], statistic: str = "spectral_norm/median") -> Figure:
+    """FIM curves over training from each run's `fim_history.json` (the callback's history, whatever its
+    prefix), one line a run."""
     figure = new_figure(width=6.0, height=4.0)
     ax = figure.add_subplot()
     for label, path in histories.items():
-        history = [row for row in json.loads(Path(path).read_text()) if row.get("stage") == "fit" and key in row]
-        if history:
+        history = [row for row in json.loads(Path(path).read_text()) if row.get("stage") == "fit"]
+        key = next((k for k in (history[0] if history else {}) if k.endswith(f"/{statistic}")), None)
+        if key is not None:
             ax.plot([row["step"] for row in history], [row[key] for row in history], marker="o", ms=3, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("global step")
-    ax.set_ylabel(key)
+    ax.set_ylabel(statistic)
     ax.legend(fontsize="x-small")
     return figure
 

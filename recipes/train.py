@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -25,12 +26,14 @@ from fim_lightning.figures import curves_figure, save
 from recipes.common import CONFIG_DIR
 from recipes.scoring import score_split
 
+log = logging.getLogger(__name__)
 
-def curve_table(history: list[dict]) -> str:
-    """The FIM curve as a markdown table."""
-    columns = ["fim/spectral_norm/mean", "fim/spectral_norm/median", "fim/spectral_norm/p90", "fim/trace/mean",
-               "fim/radius/median"]
-    lines = ["| stage | epoch | step | " + " | ".join(c.removeprefix("fim/") for c in columns) + " |",
+
+def curve_table(history: list[dict], prefix: str = "fim") -> str:
+    """The FIM curve (the callback's history, keys under `prefix`) as a markdown table."""
+    statistics = ["spectral_norm/mean", "spectral_norm/median", "spectral_norm/p90", "trace/mean", "radius/median"]
+    columns = [f"{prefix}/{statistic}" for statistic in statistics]
+    lines = ["| stage | epoch | step | " + " | ".join(statistics) + " |",
              "|---|---:|---:|" + "---:|" * len(columns)]
     for r in history:
         lines.append(f"| {r['stage']} | {r['epoch']} | {r['step']} | " + " | ".join(f"{r[c]:.4g}" for c in columns) + " |")
@@ -42,11 +45,12 @@ def write_fim_outputs(fisher: Optional[FisherRobustnessCallback], output_dir: Pa
     if fisher is None:
         return
     keys = [f"{fisher.prefix}/spectral_norm/{s}" for s in ("mean", "median", "p90")]
-    plot = save(curves_figure(fisher.history, keys, "lambda_max(F(x))"), output_dir / "fim_curve.png")
+    plot = save(curves_figure(fisher.history, keys, "lambda_max(F(x))", f"fim-train {output_dir.name}"),
+                output_dir / "fim_curve.png")
     (output_dir / "fim_history.json").write_text(json.dumps(fisher.history, indent=1))
-    print("\nFisher spectral norm over training (probe set of", fisher.num_samples, "held-out samples):")
-    print(curve_table(fisher.history))
-    print(f"plot: {plot}")
+    log.info(f"\nFisher spectral norm over training (probe set of {fisher.num_samples} held-out samples):")
+    log.info(curve_table(fisher.history, fisher.prefix))
+    log.info(f"plot: {plot}")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -72,17 +76,17 @@ def train(cfg: DictConfig) -> dict:
     except SIGTERMException:  # Lightning exits 0 on SIGTERM: keep the curve so far and tell the scheduler
         if trainer.is_global_zero:
             write_fim_outputs(fisher, output_dir)
-            print("stopped by SIGTERM", file=sys.stderr)
+            log.error("stopped by SIGTERM")
         sys.exit(128 + signal.SIGTERM)
     results = trainer.test(module, datamodule=datamodule, verbose=False)
     if trainer.is_global_zero:
         write_fim_outputs(fisher, output_dir)
-        print(f"\ntest accuracy {results[0].get('test/acc', float('nan')):.4f}")
+        log.info(f"\ntest accuracy {results[0].get('test/acc', float('nan')):.4f}")
     if evaluation is not None:
         path = score_split(trainer, module.net, evaluation, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
                            meta, output_dir, "trained")
         if trainer.is_global_zero:
-            print(f"per-sample scores: {path}")
+            log.info(f"per-sample scores: {path}")
     return results[0]
 
 

@@ -290,7 +290,7 @@ def test_fim_train_stopped_by_sigterm_exits_non_zero_with_its_fim_outputs(tmp_pa
     assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
     history = (tmp_path / "fim_history.json").read_text()
     assert '"fim/spectral_norm/mean"' in history and (tmp_path / "fim_curve.png").stat().st_size > 1000
-    assert "stopped by SIGTERM" in out.stderr
+    assert "stopped by SIGTERM" in out.stdout + out.stderr
 
 
 # -- 10. fim-report inputs -------------------------------------------------------------------------------------

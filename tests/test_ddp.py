@@ -30,7 +30,8 @@ def _validate(tmp_path, **kwargs):
     _, val = loaders(batch_size=8)
     run = trainer(tmp_path, [callback], logger=False, **kwargs)
     run.validate(model, val)
-    return {key: run.callback_metrics[key].item() for key in KEYS + ["val_fim"]}
+    logged = [key.replace("fim/", "fim/validate/", 1) for key in KEYS]  # a standalone validate's keys
+    return dict(zip(KEYS + ["val_fim"], [run.callback_metrics[key].item() for key in logged + ["val_fim"]]))
 
 
 def test_two_process_ddp_matches_a_single_process(tmp_path):

@@ -30,6 +30,9 @@ def test_columns_of_a_linear_model_match_their_closed_forms():
     np.testing.assert_allclose(table["margin"], (z.gather(1, top[:, None]) - z.gather(1, second[:, None]))[:, 0], rtol=1e-5)
     np.testing.assert_allclose(table["radius"], table["margin"] / np.sqrt(table["lambda_max"]), rtol=1e-6)
     np.testing.assert_allclose(table["grad_norm"], (w[top] - w[second]).norm(dim=1).numpy(), rtol=1e-5)
+    # linear model: the linear step margin / |w_top - w_second| is the exact distance to that decision boundary
+    np.testing.assert_allclose(table["linear_step"], table["margin"] / (w[top] - w[second]).norm(dim=1).numpy(),
+                               rtol=1e-5)
     # d = 6 and 13 queries: the orthonormal frame spans the input space, exact up to finite differences
     np.testing.assert_allclose(table["lambda_max_blackbox"], table["lambda_max"], rtol=1e-3)
     assert (table["bound"] >= table["lambda_max"]).all()
@@ -53,7 +56,7 @@ def test_top_k_reports_the_merged_mass_and_stays_a_lower_bound():
     p = model(x).softmax(-1).detach().sort(dim=1, descending=True).values
     np.testing.assert_allclose(table["neglected_mass"], p[:, 3:].sum(1).numpy(), rtol=1e-5)
     assert set(table) == {"index", "label", "lambda_max", "trace", "radius", "prediction", "margin", "grad_norm",
-                          "neglected_mass", "correct"}
+                          "linear_step", "neglected_mass", "correct"}
 
 
 def test_label_count_errors():

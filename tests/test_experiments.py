@@ -77,7 +77,7 @@ def test_sweep_evaluate_and_report_end_to_end(tmp_path):
 
     # fim-evaluate on a trained run reloads its checkpoint: the same model, the same exact scores
     again = tmp_path / "again"
-    _run("recipes.evaluate", f"run_dir={runs[0]}", f"hydra.run.dir={again}", "num_samples=24",
+    _run("recipes.evaluate", f"run_dir={runs[0]}", f"hydra.run.dir={again}", "evaluate.num_samples=24",
          "evaluation=fisher_only", "evaluation.progress=false", cwd=tmp_path)
     reloaded = read_table([again / "scores.csv"])
     trained = table["stage"] == "trained"

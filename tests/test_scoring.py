@@ -131,7 +131,7 @@ def test_corrupt_and_partial_shards_are_detected_and_redone(uninterrupted, tmp_p
 def test_a_hard_killed_fim_evaluate_resumes(tmp_path):
     """fim-evaluate killed with os._exit (no clean-up at all) in its third batch, then started again."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FIM_DATA_DIR": str(ROOT.parent / "shared" / "data")}
-    common = [sys.executable, "-m", "recipes.evaluate", "data=digits", "model=small_cnn", "num_samples=40",
+    common = [sys.executable, "-m", "recipes.evaluate", "data=digits", "model=small_cnn", "evaluate.num_samples=40",
               "evaluation=fisher_only", "evaluation.batch_size=8", f"hydra.run.dir={tmp_path}",
               "+trainer.enable_progress_bar=false"]
     killed = subprocess.run([*common, "+trainer.callbacks=[{_target_: tests.lightning_helpers.ExitAfterBatches, "
