@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from fim_lightning import writers
 from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_options, fisher_operator, fisher_scores
+from fim_lightning.guard import forked_rng
 from fim_lightning.operator import OUTPUT_KINDS, OutputKind
 from fim_lightning.reductions import SUMMARY, summarize
 from fim_lightning.validation import check_bool, check_choice, check_int, check_str
@@ -178,7 +179,7 @@ class FisherRobustnessCallback(Callback):
     def _draw_probe_set(self, data: Union[DataLoader, Dataset]) -> tuple[Tensor, Tensor]:
         """`num_samples` inputs drawn once with `seed`; the global RNG is forked (transforms, iterators draw from it)."""
         dataset = data.dataset if isinstance(data, DataLoader) else data
-        with torch.random.fork_rng(devices=[]):
+        with forked_rng():
             if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
                 size = len(dataset)
                 if size == 0:

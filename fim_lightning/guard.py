@@ -133,6 +133,13 @@ EVAL_PASSES = ForwardPasses([], [], train=False)
 
 
 @contextmanager
+def forked_rng(*tensors: Tensor) -> Iterator[None]:
+    """The global RNG (CPU, and CUDA for the devices of `tensors`) as it was, after the block draws from it."""
+    with torch.random.fork_rng(devices=_cuda_devices(None, tensors)):
+        yield
+
+
+@contextmanager
 def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval") -> Iterator[ForwardPasses]:
     """Run estimation code with grad enabled, in `mode`, and restore all caller-owned state on exit.
 

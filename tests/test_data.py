@@ -28,6 +28,8 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw[4 + 4 * rank :], dtype=np.uint8).reshape(dims)
 
 
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist (apt-get install "
+                    "dataset-fashion-mnist; .ci/run installs it, so CI always runs this test)")
 def test_fashion_mnist_from_debian_idx_files_through_torchvision(tmp_path):
     data = TorchvisionDataModule("FashionMNIST", num_classes=10, in_channels=1, root=str(tmp_path),
                                  idx_dir=str(FASHION), val_size=1000, limit_eval=500)
