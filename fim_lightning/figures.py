@@ -52,32 +52,35 @@ def curves_figure(history: Sequence[dict], keys: Sequence[str], label: str, titl
     steps = [record["step"] for record in records]
     for key in keys:
         ax.plot(steps, [record[key] for record in records], marker="o", label=key)
+    _style_curves(ax, label, title)
+    return figure
+
+
+def _style_curves(ax, label: str, title: str) -> None:
+    """Global step against a log-scale value, titled, with a legend."""
     ax.set_xlabel("global step")
     ax.set_ylabel(label)
     ax.set_yscale("log")
     ax.set_title(title, fontsize="small")
-    ax.legend(fontsize="small")
-    return figure
+    ax.legend(fontsize="x-small")
 
 
 def overlay_curves(runs: Mapping[str, Union[str, Path, Sequence[dict]]], key: str = "fim/spectral_norm/median",
                    title: str = "") -> Figure:
     """The FIM curve `key` of several runs in one figure. Each run is a CSVLogger `metrics.csv`, a fim-train
     `fim_history.json`, or rows with `key` and a step (`trainer/global_step`, `step` or `_step`), e.g. a W&B
-    run's `wandb.Api().run(path).history(pandas=False)`."""
+    run's `wandb.Api().run(path).history(pandas=False)`. A `key` without the prefix (`spectral_norm/median`)
+    matches whatever prefix each run logged under."""
     figure = new_figure(width=6.0, height=4.0)
     ax = figure.add_subplot()
     for label, run in runs.items():
         rows = _rows(run)
-        points = [(_step(row), float(row[key])) for row in rows if row.get(key) not in (None, "")]
+        found = next((name for row in rows for name in row if name == key or name.endswith(f"/{key}")), key)
+        points = [(_step(row), float(row[found])) for row in rows if row.get(found) not in (None, "")]
         if not points:
             raise ValueError(f"run {label!r} has no values of {key!r}")
         ax.plot(*zip(*points), marker="o", ms=3, label=label)
-    ax.set_xlabel("global step")
-    ax.set_ylabel(key)
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize="small")
-    ax.legend(fontsize="x-small")
+    _style_curves(ax, key, title)
     return figure
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from recipes import statistics
-from fim_lightning.figures import save
+from fim_lightning.figures import overlay_curves, save
 from recipes.common import CONFIG_DIR, machine
 from recipes.scoring import valid_shards
 
@@ -131,7 +131,7 @@ def build_report(cfg: DictConfig) -> str:
     histories = {run_label(path.parent): path for path in sorted({p.resolve() for folder in run_folders(cfg.runs)
                                                                   for p in folder.rglob("fim_history.json")})}
     if histories:
-        save(statistics.curves_from_runs(histories), out / "fim_curves.png")
+        save(overlay_curves(histories, "spectral_norm/median", "FIM curves of every run"), out / "fim_curves.png")
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     return text

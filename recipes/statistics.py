@@ -13,7 +13,6 @@ plus the run's `model`, `data`, `regularizer`, `seed` and `stage`. Two levels:
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -280,23 +279,6 @@ def ranking_figure(summaries: list[dict], score: str, outcome: str,
     ax.set_yscale("log")
     ax.set_ylabel(f"{score} (seed mean +- std)")
     ax.set_title(f"architectures by {score}; numbers: {outcome}", fontsize="small")
-    return figure
-
-
-def curves_from_runs(histories: dict[str, Path], statistic: str = "spectral_norm/median") -> Figure:
-    """FIM curves over training from each run's `fim_history.json` (the callback's history, whatever its
-    prefix), one line a run."""
-    figure = new_figure(width=6.0, height=4.0)
-    ax = figure.add_subplot()
-    for label, path in histories.items():
-        history = [row for row in json.loads(Path(path).read_text()) if row.get("stage") == "fit"]
-        key = next((k for k in (history[0] if history else {}) if k.endswith(f"/{statistic}")), None)
-        if key is not None:
-            ax.plot([row["step"] for row in history], [row[key] for row in history], marker="o", ms=3, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("global step")
-    ax.set_ylabel(statistic)
-    ax.legend(fontsize="x-small")
     return figure
 
 
