@@ -164,12 +164,16 @@ def fisher_robustness_radius(
     dtype: torch.dtype = torch.float64,
     **options,
 ) -> Tensor:
-    """Predicted adversarial radius in input units, (B,): the Fisher-normalised margin
+    """The Fisher-normalised margin, (B,), a robustness score in input units:
 
         r(x) = (log p_top1 - log p_top2) / sqrt(lambda_max(F(x))),
 
-    the input distance needed to move the output distribution a Fisher-Rao length equal to the margin
-    when it moves at the fastest rate, sqrt(d^T F d) <= sqrt(lambda_max) |d|; +inf where F(x) = 0.
+    the input distance that moves the output distribution a Fisher-Rao length equal to the margin when it
+    moves at the fastest rate, sqrt(d^T F d) <= sqrt(lambda_max) |d|; +inf where F(x) = 0. It ranks samples by
+    their distance to the decision boundary, but it is not that distance: in the two-class limit
+    F = p1 p2 g g^T (g = grad_x (z1 - z2)), so r = margin / (sqrt(p1 p2) |g|), the linear step margin / |g|
+    divided by sqrt(p1 p2) <= 1/2: at least twice the linear estimate of the distance. For a distance in
+    input units use the linear step `FisherScores.margin / FisherScores.margin_gradient_norm`.
     """
     algorithm = select_algorithm(METHODS, method, options)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:

@@ -5,7 +5,8 @@ Inputs are pixels in [0, 1] (normalisation inside the model); every score and at
 Columns (one value per sample):
 - `label`, `prediction`, `correct`, `margin` = log p_top1 - log p_top2.
 - `lambda_max`, `trace`, `radius`: the white-box Fisher scores (`fisher_scores`); radius = margin /
-  sqrt(lambda_max), the predicted L2 distance to the decision boundary. With `top_k`, `neglected_mass` is the
+  sqrt(lambda_max), a robustness score, not a distance (in the two-class limit it is the linear step divided
+  by sqrt(p1 p2), so it overstates the distance to the boundary). With `top_k`, `neglected_mass` is the
   probability of the classes merged into one (lambda_max is then a lower bound).
 - `lambda_max_blackbox`: `blackbox_fisher` from `blackbox_queries` queries per sample.
 - `bound`: `fisher_spectral_bound` at the sample (an upper bound on lambda_max).
