@@ -23,6 +23,7 @@ from recipes.models import SmallCNN  # noqa: E402
 VARIANTS = {
     "plain cross-entropy": {},
     "FisherKLPenalty (default)": {"penalty": fl.FisherKLPenalty()},
+    "FisherWorstDirectionPenalty (1 power step)": {"penalty": fl.FisherWorstDirectionPenalty()},
     "FisherTracePenalty (1 probe)": {"penalty": fl.FisherTracePenalty()},
     "FisherSpectralPenalty (power, 3 steps)": {"penalty": fl.FisherSpectralPenalty()},
     "FisherSpectralPenalty (exact)": {"penalty": fl.FisherSpectralPenalty(eigenvector="exact")},

@@ -21,7 +21,13 @@ from fim_lightning.functional import (
 )
 from fim_lightning.guard import preserved_state
 from fim_lightning.metric import FisherSpectralNorm
-from fim_lightning.regularizers import FisherKLPenalty, FisherPenalty, FisherSpectralPenalty, FisherTracePenalty
+from fim_lightning.regularizers import (
+    FisherKLPenalty,
+    FisherPenalty,
+    FisherSpectralPenalty,
+    FisherTracePenalty,
+    FisherWorstDirectionPenalty,
+)
 from fim_lightning.operator import FisherOperator
 from fim_lightning.writers import FigureWriter, register_figure_writer
 
@@ -35,6 +41,7 @@ __all__ = [
     "FisherSpectralNorm",
     "FisherSpectralPenalty",
     "FisherTracePenalty",
+    "FisherWorstDirectionPenalty",
     "SpectralBound",
     "FisherScores",
     "TopEigenpair",

@@ -10,6 +10,9 @@ returns weight(step) * mean_i R(x_i):
   gradient of lambda_max (Hellmann-Feynman).
 - `FisherKLPenalty`: d * 2 KL(p(x) || p(x + h u)) / h^2 for a random unit u, which tends to tr F as h -> 0
   (E[u u^T] = I / d); one extra forward pass when it reuses the caller's logits, the cheapest.
+- `FisherWorstDirectionPenalty`: 2 KL(p(x) || p(x + h v)) / h^2 along v ~ the top eigenvector of F, found by
+  power steps through the KL's input gradient (virtual adversarial training's trick): about lambda_max, the
+  direction an attack uses, for one extra forward and backward per power step.
 
 BatchNorm: in the default `mode="train"` the penalty's forward passes normalise with the statistics of the
 training batch (recorded once, held fixed for the perturbed passes, see `guard.ForwardPasses`; the KL form
@@ -31,7 +34,7 @@ from fim_lightning import algorithms
 from fim_lightning.guard import EVAL_PASSES, ForwardPasses, Mode, active_dropout, preserved_state
 from fim_lightning.operator import OUTPUT_KINDS, FisherOperator, OutputKind, check_inputs, dual_weights, \
     log_probs_from_output
-from fim_lightning.sampling import rademacher, random_unit
+from fim_lightning.sampling import rademacher, random_unit, unit
 from fim_lightning.validation import check_choice, check_int, check_real
 
 
@@ -88,7 +91,7 @@ class FisherPenalty(nn.Module):
         value = values.mean()
         if not torch.isfinite(value):
             raise FloatingPointError(f"{type(self).__name__} is {value.item()} (non-finite Fisher estimate)")
-        return (self.weight_at(step) * value).float()
+        return (self.weight_at(step) * value).to(torch.promote_types(inputs.dtype, torch.float32))
 
     def _reusable(self, model: Callable, inputs: Tensor, logits: Tensor) -> bool:
         """The caller's logits stand for ours: float32 or better, one row per input, and no dropout mask of the
@@ -169,3 +172,44 @@ class FisherKLPenalty(FisherPenalty):
             log_q = self._operator(model, inputs + self.step_size * direction).log_probs
         kl =         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         return inputs[0].numel() * 2 * kl / self.step_size**2
+
+
+class FisherWorstDirectionPenalty(FisherPenalty):
+    """weight * mean_i 2 KL(p(x_i) || p(x_i + h v_i)) / h^2 along v_i ~ the top eigenvector of F(x_i).
+
+    For a small displacement r, KL(p(x) || p(x + r)) = 1/2 r^T F r + O(|r|^3), so its gradient in r is
+    F r + O(|r|^2): one backward pass to the input at r = h v gives F v, a power step on F without any JVP
+    (the trick of virtual adversarial training, Miyato et al. 2018). From a random unit start, `power_steps`
+    such steps turn v towards the top eigenvector (each costs one forward and one backward to the input, no
+    parameter gradients); the penalty is then the KL along v, differentiated through the last forward only
+    (v held fixed). At the top eigenvector it tends to lambda_max(F) as h -> 0, and since the Rayleigh quotient
+    is stationary there, its gradient tends to the gradient of lambda_max (Hellmann-Feynman).
+
+    Args:
+        step_size: h, in input units (also the probe length of the power steps).
+        power_steps: power steps from the random start (1: VAT's choice).
+    """
+
+    def __init__(self, step_size: float = 1e-2, power_steps: int = 1, weight: float = 0.1, every_n_steps: int = 1,
+                 warmup_steps: int = 0, mode: Mode = "train", output: OutputKind = "logits", seed: int = 0) -> None:
+        super().__init__(weight, every_n_steps, warmup_steps, mode, output, seed)
+        self.step_size = check_real("step_size", step_size, 0.0, strict=True)
+        self.power_steps = check_int("power_steps", power_steps, 0)
+
+    def direction(self, op: FisherOperator, target: Tensor) -> Tensor:
+        """v after `power_steps` power steps on F through the gradient of KL(target || p(x + h v)), (B, ...)."""
+        v = random_unit(op.inputs, self.generator)
+        for _ in range(self.power_steps):
+            shift = (self.step_size * v).requires_grad_(True)
+            log_q = op.log_probs_at(op.inputs.detach() + shift)
+            (gradient,) = torch.autograd.grad((target.exp() * (target - log_q)).sum(), shift)
+            moved = gradient.flatten(1).norm(dim=1) > 0
+            v = torch.where(moved.view(-1, *([1] * (v.ndim - 1))), unit(gradient), v)
+        return v.detach()
+
+    def per_sample(self, model, inputs, logits):
+        op = self._operator(model, inputs)  # in train mode: records the batch statistics of `inputs`
+        log_p = op.log_probs if logits is None else log_probs_from_output(logits, self.output)
+        v = self.direction(op, log_p.detach())
+        log_q = op.log_probs_at(op.inputs + self.step_size * v)
+        return 2 * (log_p.exp() * (log_p - log_q)).sum(-1) / self.step_size**2

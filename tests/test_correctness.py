@@ -229,6 +229,8 @@ def test_blackbox_refuses_differences_at_the_rounding_level():
     (lambda: fl.FisherTracePenalty(num_probes=True), TypeError, "num_probes must be an integer"),
     (lambda: fl.FisherSpectralPenalty(eigenvector="lanczos"), ValueError, "eigenvector must be one of"),
     (lambda: fl.FisherSpectralPenalty(steps=0), ValueError, "steps must be >= 1"),
+    (lambda: fl.FisherWorstDirectionPenalty(power_steps=-1), ValueError, "power_steps must be >= 0"),
+    (lambda: fl.FisherWorstDirectionPenalty(step_size="1e-2"), TypeError, "step_size must be a real number"),
     (lambda: attacks.PGD(norm="L2"), ValueError, "norm must be one of"),
     (lambda: attacks.PGD(step_size=float("nan")), ValueError, "step_size must be finite"),
     (lambda: attacks.PGD(random_start="yes"), TypeError, "random_start must be True or False"),
