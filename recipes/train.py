@@ -53,9 +53,15 @@ def write_fim_outputs(fisher: Optional[FisherRobustnessCallback], output_dir: Pa
     log.info(f"plot: {plot}")
 
 
+DONE = "done.json"
+
+
 def train(cfg: DictConfig) -> dict:
-    pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.trainer.default_root_dir)
+    if cfg.get("skip_done") and (output_dir / DONE).exists():
+        log.info(f"skipping {output_dir}: finished before ({DONE}); remove it to run the job again")
+        return json.loads((output_dir / DONE).read_text())
+    pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, net=instantiate(cfg.model))
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
@@ -87,6 +93,8 @@ def train(cfg: DictConfig) -> dict:
                            meta, output_dir, "trained")
         if trainer.is_global_zero:
             log.info(f"per-sample scores: {path}")
+    if trainer.is_global_zero:
+        (output_dir / DONE).write_text(json.dumps(results[0]))
     return results[0]
 
 

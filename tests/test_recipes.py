@@ -35,3 +35,16 @@ def test_fim_train_with_a_fisher_penalty_logs_both_terms(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/fisher_penalty" in metrics and "train/ce" in metrics
+
+
+def test_a_finished_job_is_skipped_when_started_again_with_skip_done(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    command = [sys.executable, "-m", "recipes.train", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}",
+               "+trainer.enable_progress_bar=false", "logger=csv", "skip_done=true"]
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    done = (tmp_path / "done.json").read_text()
+    assert "test/acc" in done
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"skipping {tmp_path}: finished before" in again.stdout
+    assert not list((tmp_path / "csv").glob("version_1"))  # nothing trained a second time
