@@ -1,8 +1,10 @@
 """One vocabulary for reducing per-sample values, shared by the metric, its functional twin and the callback.
 
 "mean", "median" (the 0.5 quantile: the mean of the two middle values on even counts, as `np.median`), "max",
-"none" (every value) or a quantile q in [0, 1]. The callback logs the `SUMMARY` reductions of the finite
-values under `{name}/{key}`; "p90" is the 0.9 quantile.
+"none" (every value) or a quantile q in [0, 1]. Reductions are taken over the finite values: a sample whose
+value is NaN was already named in a warning when it was scored, and one such sample must not turn a whole
+epoch's statistic into NaN. The callback logs the `SUMMARY` reductions under `{name}/{key}`; "p90" is the
+0.9 quantile.
 """
 import math
 from typing import Union
@@ -26,9 +28,10 @@ def check_reduction(reduction: Reduction) -> None:
 
 
 def reduce_values(values: Tensor, reduction: Reduction) -> Tensor:
-    """`values` (N,) reduced by `reduction`; NaN for no values (except "none")."""
+    """`values` (N,) reduced by `reduction` over the finite ones; NaN when none is finite (except "none")."""
     if reduction == "none":
         return values
+    values = values[torch.isfinite(values)]
     if values.numel() == 0:
         return values.new_tensor(math.nan)
     if reduction == "mean":
@@ -40,6 +43,5 @@ def reduce_values(values: Tensor, reduction: Reduction) -> Tensor:
 
 
 def summarize(values: Tensor, name: str) -> dict[str, float]:
-    """The `SUMMARY` reductions of the finite values, keyed `{name}/{key}` (NaN when none is finite)."""
-    finite = values[torch.isfinite(values)]
-    return {f"{name}/{key}": reduce_values(finite, reduction).item() for key, reduction in SUMMARY.items()}
+    """The `SUMMARY` reductions, keyed `{name}/{key}` (NaN when no value is finite)."""
+    return {f"{name}/{key}": reduce_values(values, reduction).item() for key, reduction in SUMMARY.items()}

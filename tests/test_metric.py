@@ -105,3 +105,20 @@ def test_pickles_scripts_and_takes_any_input_precision():
         value = fl.FisherSpectralNorm()(model, batches[0].to(dtype))
         rtol = 1e-5 if dtype == torch.float64 else 5e-2  # half inputs are rounded, then scored in float32
         torch.testing.assert_close(value, reference, rtol=rtol, atol=0)
+
+
+def test_a_non_finite_sample_is_named_and_left_out_of_the_reduction():
+    """A blank image through per-image standardisation has no Fisher information: NaN and a warning for it,
+    and the epoch's value is the reduction of the others (as the callback's summaries), in metric and twin."""
+    base = make_cnn()
+    standardise = lambda x: base((x - x.mean((1, 2, 3), keepdim=True)) / x.std((1, 2, 3), keepdim=True))  # noqa: E731
+    x = _batches()[1]
+    x[3] = 0.5
+    metric = fl.FisherSpectralNorm(reduction="median")
+    with pytest.warns(RuntimeWarning, match="sample 3 of the batch"):
+        metric.update(standardise, x)
+    finite = fl.fisher_spectral_norm(standardise, x[[0, 1, 2, 4]]).float()
+    torch.testing.assert_close(metric.compute(), finite.quantile(0.5))
+    with pytest.warns(RuntimeWarning, match="sample 3 of the batch"):
+        torch.testing.assert_close(fl.fisher_spectral_norm(standardise, x, reduction="median").float(),
+                                   finite.quantile(0.5))
