@@ -31,10 +31,13 @@ DATA = {"cifar10": ("cifar10_subset.npz", 10, 3), "pneumoniamnist": ("pneumoniam
 
 
 def methods(weights: list[float]) -> dict[str, dict]:
-    """Plain; the default KL penalty at each weight; trace and spectral at the last weight; the two peers."""
+    """Plain; the KL and worst-direction penalties at each weight; trace and spectral at the last weight; the
+    two peers."""
     return {
         "plain": {},
         **{f"FisherKLPenalty (w={w})": {"penalty": fl.FisherKLPenalty(weight=w)} for w in weights},
+        **{f"FisherWorstDirectionPenalty (w={w})": {"penalty": fl.FisherWorstDirectionPenalty(weight=w)}
+           for w in weights},
         f"FisherTracePenalty (w={weights[-1]})": {"penalty": fl.FisherTracePenalty(weight=weights[-1])},
         f"FisherSpectralPenalty (w={weights[-1]})": {"penalty": fl.FisherSpectralPenalty(weight=weights[-1])},
         "TRADES (beta=6, 10 steps)": {"penalty": TradesPenalty()},
@@ -79,7 +82,7 @@ def main() -> None:
         lam = torch.cat([fl.fisher_spectral_norm(net, b) for b in eval_x.split(100)])
         linf = robust_accuracy(net, eval_x, eval_y, norm="linf", eps=8 / 255, step_size=2 / 255)
         l2 = robust_accuracy(net, eval_x, eval_y, norm="l2", eps=0.5, step_size=0.125)
-        print(f"| {label} | {clean:.3f} | {lam.mean():.4g} | {lam.median():.4g} | {linf:.3f} | {l2:.3f} | {seconds:.0f} |",
+        print(f"| {label} | {clean:.3f} | {lam.mean():.4g} | {lam.quantile(0.5):.4g} | {linf:.3f} | {l2:.3f} | {seconds:.0f} |",
               flush=True)
 
 
