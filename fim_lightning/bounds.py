@@ -129,6 +129,13 @@ def _max_pool(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
 
 
 LayerBound = Callable[[nn.Module, tuple[int, ...]], float]
+
+
+def constant_bound(value: float) -> LayerBound:
+    """A layer bound that does not depend on the layer (activations: ReLU 1, Sigmoid 1/4, ...)."""
+    return lambda layer, input_shape: value
+
+
 LAYER_BOUNDS: dict[object, LayerBound] = {
     **{kind: linear_operator_norm for kind in _LINEAR_MAPS},
     nn.modules.batchnorm._BatchNorm: _batchnorm,
@@ -136,8 +143,8 @@ LAYER_BOUNDS: dict[object, LayerBound] = {
     nn.MaxPool1d: _max_pool,
     nn.MaxPool2d: _max_pool,
     "LayerScale": lambda layer, shape: layer.gamma.detach().abs().max().item(),  # timm
-    "DropPath": lambda layer, shape: 1.0,  # timm, the identity in eval mode
-    **{kind: (lambda constant: lambda layer, shape: constant)(constant) for kind, constant in _ACTIVATION_CONSTANTS.items()},
+    "DropPath": constant_bound(1.0),  # timm, the identity in eval mode
+    **{kind: constant_bound(constant) for kind, constant in _ACTIVATION_CONSTANTS.items()},
 }
 
 
