@@ -1,5 +1,6 @@
-"""Scoring a data set through `Trainer.predict`: the same rows on 1 and 2 processes (gloo), nothing lost or
-duplicated on an uneven split, a killed run resumed to the uninterrupted table, corrupt shards redone."""
+"""Scoring a data set through `Trainer.predict`: the same rows on 1 and 2 processes (fim-evaluate under
+Lightning's `ddp` on gloo), nothing lost or duplicated on an uneven split, a killed run resumed to the
+uninterrupted table, corrupt shards redone."""
 import logging
 import os
 import subprocess
@@ -23,13 +24,6 @@ N = 21  # not divisible by 2 processes or by the batch size
 META = {"model": "cnn", "data": "blobs", "regularizer": "none", "seed": 0}
 
 
-@pytest.fixture(autouse=True)
-def fresh_master_port(monkeypatch):
-    from lightning_fabric.plugins.environments.lightning import find_free_network_port
-
-    monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
-
-
 class BlobImages(pl.LightningDataModule):
     """1x6x6 images in a `splits` dict, as the package's data modules keep them."""
 
@@ -44,9 +38,8 @@ def evaluation():
                                 minimal_deepfool=True, progress=False)
 
 
-def score(folder, devices=1, callbacks=(), **kwargs):
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+def score(folder, callbacks=(), **kwargs):
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=list(callbacks), **kwargs)
     net = build_net().eval()
     return score_split(trainer, net, evaluation(), BlobImages(), "test", None, META, folder, "trained")
@@ -81,15 +74,31 @@ def test_one_process_scores_every_sample_once(uninterrupted):
         np.testing.assert_array_equal(table[name], direct[name].astype(float), err_msg=name)
 
 
-def test_two_processes_give_the_same_rows_on_an_uneven_split(uninterrupted, tmp_path):
-    """N = 21 on 2 ranks (Lightning's unrepeated sampler for prediction: 11 and 10 samples); per-sample values
-    agree to 1e-5 (the same float32 operations on batches of another composition)."""
-    table, _ = uninterrupted
-    score(tmp_path, devices=2)
-    shards = valid_shards(tmp_path / "shards")
+def _evaluate(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """fim-evaluate on the first 21 digits (not divisible by 2 processes or the batch size 4) with every column
+    whose value could depend on the batch: black-box probes, PGD random starts, CLEVER, DeepFool."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "recipes.evaluate", "data=digits", "model=small_cnn", "evaluate.num_samples=21",
+               "evaluation.batch_size=4", "evaluation.blackbox_queries=9", "evaluation.bound=false",
+               "evaluation.clever_samples=3", "evaluation.clever_radius=0.5", "evaluation.pgd_steps=3",
+               "evaluation.cw_steps=0", "evaluation.minimal_search_steps=2", f"hydra.run.dir={folder}",
+               "+trainer.enable_progress_bar=false", *overrides]
+    return subprocess.run(command, cwd=folder.parent, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_give_the_same_rows_on_an_uneven_split(tmp_path):
+    """fim-evaluate on 1 process and on 2 (`trainer=ddp`, Lightning's launcher; its prediction sampler splits
+    21 samples 11 / 10): the same rows, per-sample values to 1e-5 (the same float32 operations on batches of
+    another composition), none lost or repeated."""
+    one = _evaluate(tmp_path / "one")
+    two = _evaluate(tmp_path / "two", "trainer=ddp")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-4000:]
+    shards = valid_shards(tmp_path / "two" / "shards")
     assert {p.name.split("-")[0] for p in shards} == {"rank0", "rank1"}
     assert sorted(i for p in shards for i in read_table([p])["index"]) == list(range(N))  # none lost, none twice
-    assert_same_rows(read_table([tmp_path / "scores.csv"]), table, rtol=1e-5)
+    table = read_table([tmp_path / "one" / "scores.csv"])
+    assert np.isfinite(table["lambda_max_blackbox"]).all() and np.isfinite(table["clever"][:3]).all()
+    assert_same_rows(read_table([tmp_path / "two" / "scores.csv"]), table, rtol=1e-5)
 
 
 class Crash(pl.Callback):
