@@ -92,6 +92,13 @@ def build_report(cfg: DictConfig) -> str:
                   f"95% bootstrap interval over seeds and samples ({cfg.draws} draws). Larger radius / CLEVER / "
                   f"margin and smaller lambda_max / trace / bound / grad_norm predict a larger minimal perturbation.\n",
                   statistics.markdown(samples, [*GROUP, "score", "samples", "seeds", "spearman", "kendall", "pearson"]), ""]
+        agreement = statistics.distance_agreement(table, target=cfg.target, by=GROUP, draws=cfg.draws)
+        if agreement:
+            lines += [f"## Does a score's value mean a distance? (`{cfg.target}` / predicted)\n",
+                      "A distance that means what it says has a median ratio within [0.8, 1.25] and at least 80% of "
+                      "samples within a factor 1.5. `linear_step` = margin / |grad (z1 - z2)| (DeepFool's first "
+                      "step); the radius is a score (in the two-class limit at least twice the linear step).\n",
+                      statistics.markdown(agreement, [*GROUP, "score", "samples", *statistics.AGREEMENT]), ""]
 
     summaries = statistics.model_summaries(table, GROUP)
     summary_names = list(dict.fromkeys(name for row in summaries for name in row))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -123,11 +123,13 @@ def correlation(x: np.ndarray, y: np.ndarray, method: str = "spearman") -> float
     return float(METHODS[method](x, y)[0])
 
 
-def seed_bootstrap(pairs: Sequence[tuple[np.ndarray, np.ndarray]], method: str = "spearman", draws: int = 1000,
-                   seed: int = 0) -> tuple[float, float, float]:
-    """(statistic, low, high): the mean over seeds of the correlation of each seed's (x, y), and its 95%
-    percentile bootstrap interval (seeds resampled, then samples within each drawn seed)."""
-    statistic = float(np.nanmean([correlation(x, y, method) for x, y in pairs]))
+def seed_bootstrap(pairs: Sequence[tuple[np.ndarray, np.ndarray]], method: Union[str, Callable] = "spearman",
+                   draws: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """(statistic, low, high): the mean over seeds of a statistic of each seed's (x, y) (a correlation named by
+    `method`, or any function of (x, y)), and its 95% percentile bootstrap interval (seeds resampled, then
+    samples within each drawn seed)."""
+    function = method if callable(method) else (lambda x, y: correlation(x, y, method))
+    statistic = float(np.nanmean([function(x, y) for x, y in pairs]))
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(draws):
@@ -135,7 +137,7 @@ def seed_bootstrap(pairs: Sequence[tuple[np.ndarray, np.ndarray]], method: str =
         inner = []
         for x, y in drawn:
             index = rng.integers(len(x), size=len(x))
-            inner.append(correlation(x[index], y[index], method))
+            inner.append(function(x[index], y[index]))
         values.append(np.nanmean(inner) if np.isfinite(inner).any() else np.nan)
     low, high = np.nanpercentile(values, [2.5, 97.5]) if np.isfinite(values).any() else (np.nan, np.nan)
     return statistic, float(low), float(high)
@@ -154,6 +156,42 @@ def sample_correlations(table: Table, scores: Sequence[str] = SCORES, target: st
             pairs = [(g[score], g[target]) for g in per_seed.values()]
             for method in METHODS:
                 row[method] = seed_bootstrap(pairs, method, draws)
+            rows.append(row)
+    return rows
+
+
+def _median_ratio(predicted: np.ndarray, measured: np.ndarray) -> float:
+    keep = np.isfinite(predicted) & np.isfinite(measured) & (predicted > 0)
+    return float(np.median(measured[keep] / predicted[keep])) if keep.any() else float("nan")
+
+
+def _within(factor: float) -> Callable[[np.ndarray, np.ndarray], float]:
+    def share(predicted: np.ndarray, measured: np.ndarray) -> float:
+        keep = np.isfinite(predicted) & np.isfinite(measured) & (predicted > 0) & (measured > 0)
+        return float(np.mean(np.abs(np.log(measured[keep] / predicted[keep])) <= np.log(factor))) if keep.any() \
+            else float("nan")
+    return share
+
+
+DISTANCES = ("linear_step", "radius", "clever")
+AGREEMENT = {"median measured / predicted": _median_ratio, "share within 1.5x": _within(1.5)}
+
+
+def distance_agreement(table: Table, scores: Sequence[str] = DISTANCES, target: str = "min_perturbation",
+                       by: Sequence[str] = ("model", "regularizer", "stage"), draws: int = 1000) -> list[dict]:
+    """Does a score's value mean a distance? Per group, for each distance-like score: the median of measured
+    `target` / predicted and the share of samples within a factor 1.5 (correctly classified samples; mean over
+    seeds, 95% bootstrap interval over seeds and samples). A distance that means what it says has a median
+    ratio near 1 and most samples within 1.5x."""
+    rows = []
+    usable = table["correct"].astype(bool) & np.isfinite(table[target])
+    for key, group in groups(select(table, usable), by).items():
+        per_seed = groups(group, ["seed"])
+        for score in (s for s in scores if s in group and np.isfinite(group[s]).any()):
+            row = {**dict(zip(by, key)), "score": score, "samples": int(np.isfinite(group[score]).sum())}
+            pairs = [(g[score], g[target]) for g in per_seed.values()]
+            for name, statistic in AGREEMENT.items():
+                row[name] = seed_bootstrap(pairs, statistic, draws)
             rows.append(row)
     return rows
 

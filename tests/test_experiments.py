@@ -88,15 +88,23 @@ def test_sweep_evaluate_and_report_end_to_end(tmp_path):
     printed = _run("recipes.report", f"runs=[{sweep}]", f"hydra.run.dir={out}", "draws=50", cwd=tmp_path)
     assert (out / "report.md").read_text().strip() == printed.strip()
     everything = read_table(sorted(sweep.rglob("scores.csv")))
-    rows = [line for line in printed.splitlines() if line.startswith("| small_cnn | fisher_kl | trained | radius |")]
+    correlations = printed.split("## Per sample: correlation")[1].split("\n## ")[0]
+    rows = [line for line in correlations.splitlines()
+            if line.startswith("| small_cnn | fisher_kl | trained | radius |")]
     assert len(rows) == 1
     spearman = float(rows[0].split("|")[7].split()[0])
+    agreement = printed.split("## Does a score's value mean a distance?")[1].split("\n## ")[0]
+    ratio = [line for line in agreement.splitlines() if line.startswith("| small_cnn | fisher_kl | trained | radius |")]
+    per_seed_ratio = []
     per_seed = []
     for seed in (0, 1):
         pick = ((everything["regularizer"] == "fisher_kl") & (everything["stage"] == "trained")
                 & (everything["seed"] == seed) & (everything["correct"] == 1))
         per_seed.append(correlation(everything["radius"][pick], everything["min_perturbation"][pick]))
+        finite = pick & np.isfinite(everything["min_perturbation"]) & np.isfinite(everything["radius"])
+        per_seed_ratio.append(np.median(everything["min_perturbation"][finite] / everything["radius"][finite]))
     assert spearman == pytest.approx(np.mean(per_seed), abs=5e-4)
+    assert float(ratio[0].split("|")[6].split()[0]) == pytest.approx(np.mean(per_seed_ratio), abs=5e-4)
     for plot in ("scatter_radius.png", "ranking.png", "fim_curves.png"):
         assert (out / plot).stat().st_size > 5000
     assert "## Theoretical ranking" in printed and "## Across models" in printed

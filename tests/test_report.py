@@ -78,3 +78,19 @@ def test_sample_and_model_correlations_on_a_known_table(tmp_path):
     assert text.splitlines()[2] == "| a | radius | 1.000 [1.000, 1.000] |"
     for figure in (report.scatter_figure(table), report.ranking_figure(summaries, "median lambda_max", "PGD L2 accuracy")):
         assert len(figure.axes) == 1
+
+
+def test_distance_agreement_measures_what_a_predicted_distance_is_worth():
+    """A score equal to the target up to noise within 1.5x has median ratio ~1 and everything within 1.5x; one
+    twice the target has median 0.5 and nothing within 1.5x; the intervals cover the values."""
+    rng = np.random.default_rng(3)
+    target = rng.uniform(0.1, 1.0, size=400)
+    table = {"model": np.full(400, "m"), "regularizer": np.full(400, "none"), "stage": np.full(400, "trained"),
+             "seed": np.repeat([0.0, 1.0], 200), "correct": np.ones(400), "min_perturbation": target,
+             "linear_step": target * rng.uniform(1 / 1.4, 1.4, size=400), "radius": 2 * target}
+    rows = {row["score"]: row for row in report.distance_agreement(table, ["linear_step", "radius"], draws=200)}
+    median, low, high = rows["linear_step"]["median measured / predicted"]
+    assert median == pytest.approx(1.0, abs=0.05) and low <= median <= high
+    assert rows["linear_step"]["share within 1.5x"][0] == 1.0
+    assert rows["radius"]["median measured / predicted"][0] == pytest.approx(0.5, rel=1e-12)
+    assert rows["radius"]["share within 1.5x"][0] == 0.0
