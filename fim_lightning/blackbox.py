@@ -39,7 +39,7 @@ from torch import Tensor
 
 from fim_lightning.algorithms import sketch
 from fim_lightning.operator import OutputKind, as_class_scores, check_inputs, check_output_kind, \
-    check_output_values, dual_weights, log_probs_from_output, warn_samples
+    check_output_values, dual_weights, log_probs_from_output, uniform_where, warn_samples
 from fim_lightning.sampling import default_generator, orthonormal_probes
 from fim_lightning.validation import check_int, check_real
 
@@ -151,7 +151,7 @@ def blackbox_fisher(
     probes = min((num_queries - 1) // per_probe, dim)
     counter = _CountingPredictor(predict, output, max_batch)
     log_p, invalid = counter.log_probs(x)
-    log_p = torch.where(invalid[:, None], -math.log(log_p.shape[1]), log_p)
+    log_p = uniform_where(invalid, log_p)
     generator = default_generator(torch.device("cpu"), generator)
     u = orthonormal_probes(probes, batch, dim, generator).to(x.device, x.dtype).view(probes, *x.shape)
     rms = x.flatten(1).pow(2).mean(1).sqrt().clamp_min(1.0)

@@ -124,6 +124,17 @@ def logits_from_output(scores: Tensor, output: OutputKind) -> Tensor:
     return scores
 
 
+def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per row from log-probabilities (N, C)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def uniform_where(invalid: Tensor, log_probs: Tensor) -> Tensor:
+    """`log_probs` (B, C) with the rows of `invalid` samples replaced by the uniform distribution, so they stay
+    finite through the algorithms (their results are set to NaN at the end)."""
+    return torch.where(invalid[:, None], -math.log(log_probs.shape[1]), log_probs)
+
+
 def log_probs_from_output(scores: Tensor, output: OutputKind) -> Tensor:
     """log p in float64 from what the model returned."""
     return logits_from_output(scores, output).to(torch.float64).log_softmax(-1)
@@ -256,9 +267,7 @@ class FisherOperator:
     def log_probs(self) -> Tensor:
         """log p(y | x_i), (B, C), float64; uniform for invalid samples (their results are NaN)."""
         log_probs = log_probs_from_output(self.logits, "logits")
-        if self.invalid.any():
-            log_probs = torch.where(self.invalid[:, None], -math.log(log_probs.shape[1]), log_probs)
-        return log_probs
+        return uniform_where(self.invalid, log_probs) if self.invalid.any() else log_probs
 
     def log_probs_at(self, points: Tensor) -> Tensor:
         """log p(y | points_i), float64, through the same per-sample function (held batch statistics)."""

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from fim_lightning import algorithms
 from fim_lightning.guard import EVAL_PASSES, ForwardPasses, Mode, active_dropout, preserved_state
 from fim_lightning.operator import OUTPUT_KINDS, FisherOperator, OutputKind, check_inputs, dual_weights, \
-    log_probs_from_output
+    kl_divergence, log_probs_from_output
 from fim_lightning.sampling import rademacher, random_unit, unit
 from fim_lightning.validation import check_choice, check_int, check_real
 
@@ -170,7 +170,7 @@ class FisherKLPenalty(FisherPenalty):
             # they differ from the clean batch's by O(h / sqrt(B)), a relative bias of O(1 / B) in the KL
             log_p = log_probs_from_output(logits, self.output)
             log_q = self._operator(model, inputs + self.step_size * direction).log_probs
-        kl =         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        kl = kl_divergence(log_p, log_q)
         return inputs[0].numel() * 2 * kl / self.step_size**2
 
 
@@ -202,7 +202,7 @@ class FisherWorstDirectionPenalty(FisherPenalty):
         for _ in range(self.power_steps):
             shift = (self.step_size * v).requires_grad_(True)
             log_q = op.log_probs_at(op.inputs.detach() + shift)
-            (gradient,) = torch.autograd.grad((target.exp() * (target - log_q)).sum(), shift)
+            (gradient,) = torch.autograd.grad(kl_divergence(target, log_q).sum(), shift)
             moved = gradient.flatten(1).norm(dim=1) > 0
             v = torch.where(moved.view(-1, *([1] * (v.ndim - 1))), unit(gradient), v)
         return v.detach()
@@ -212,4 +212,4 @@ class FisherWorstDirectionPenalty(FisherPenalty):
         log_p = op.log_probs if logits is None else log_probs_from_output(logits, self.output)
         v = self.direction(op, log_p.detach())
         log_q = op.log_probs_at(op.inputs + self.step_size * v)
-        return 2 * (log_p.exp() * (log_p - log_q)).sum(-1) / self.step_size**2
+        return 2 * kl_divergence(log_p, log_q) / self.step_size**2

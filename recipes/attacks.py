@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fim_lightning.guard import preserved_state
+from fim_lightning.operator import kl_divergence
 from fim_lightning.validation import check_bool, check_choice, check_int, check_real
 
 Norm = Literal["linf", "l2"]
@@ -72,7 +73,7 @@ class PGD(nn.Module):
                 if labels is not None:
                     loss = nn.functional.nll_loss(log_q, labels, reduction="sum")
                 else:
-                    loss = (target_log_probs.exp() * (target_log_probs - log_q)).sum()
+                    loss = kl_divergence(target_log_probs, log_q).sum()
                 (grad,) = torch.autograd.grad(loss, delta)
                 if self.norm == "linf":
                     step = self.step_size * grad.sign()
@@ -130,7 +131,7 @@ class TradesPenalty(nn.Module):
         log_p = logits.float().log_softmax(-1)
         adversarial = self.attack(model, inputs, target_log_probs=log_p.detach())
         log_q = model(adversarial).float().log_softmax(-1)
-        return self.beta * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        return self.beta * kl_divergence(log_p, log_q).mean()
 
 
 @contextmanager
