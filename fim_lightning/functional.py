@@ -146,6 +146,48 @@ def _margin_over_sqrt(op: FisherOperator, eigenvalue: Tensor) -> Tensor:
     return _margin(op).to(eigenvalue.dtype) / eigenvalue.sqrt()
 
 
+def _fisher_step(op: FisherOperator, eigenvalue: Tensor) -> Tensor:
+    """margin sqrt(p1 p2 / ((p1 + p2) lambda_max)) per sample (`fisher_step`)."""
+    top2 = op.log_probs.topk(2, dim=1).values.to(eigenvalue.dtype)
+    pair_weight = (top2.sum(1) - top2.logsumexp(1)).exp()
+    return (top2[:, 0] - top2[:, 1]) * (pair_weight / eigenvalue).sqrt()
+
+
+def fisher_step(
+    model: Callable,
+    inputs: Tensor,
+    method: SpectralMethod = "exact",
+    *,
+    output: OutputKind = "logits",
+    mode: Optional[Mode] = None,
+    model_dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype = torch.float64,
+    **options,
+) -> Tensor:
+    """A Fisher estimate of the L2 distance to the decision boundary between the top two classes, (B,):
+
+        s(x) = (log p1 - log p2) sqrt(p1 p2 / ((p1 + p2) lambda_max(F(x)))).
+
+    With g = grad_x (z1 - z2), the law of total variance over y in {1, 2} or not gives
+    v^T F v >= (p1 p2 / (p1 + p2)) (v . g)^2, so lambda_max >= p1 p2 |g|^2 / (p1 + p2) and s <= margin / |g|,
+    the linear (first DeepFool) step, with equality when the top eigenvector of F is the margin's gradient
+    and the other classes add nothing along it (two classes: F = p1 p2 g g^T, s = margin / |g| exactly; for a
+    linear two-class model that is the exact distance to the boundary). Without the margin's gradient, the
+    Fisher alone gives this distance: where other classes move faster than the top two, it is shorter.
+    The radius `fisher_robustness_radius` is s / sqrt(p1 p2 / (p1 + p2)), a score, not a distance.
+
+    Example:
+        >>> import torch, fim_lightning as fl
+        >>> net = torch.nn.Linear(2, 2, bias=False)
+        >>> net.weight.data = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # z1 - z2 = 2 x_0: boundary x_0 = 0
+        >>> fl.fisher_step(net, torch.tensor([[0.3, 5.0]]))
+        tensor([0.3000], dtype=torch.float64)
+    """
+    algorithm = select_algorithm(METHODS, method, options)
+    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
+        return _fisher_step(op, algorithm(op, dtype=dtype, **options).eigenvalue)
+
+
 def _margin_gradient_norm(op: FisherOperator) -> Tensor:
     """|grad_x (z_top1 - z_top2)| per sample: one VJP on the recorded graph, no new forward."""
     order = op.log_probs.topk(2, dim=1).indices
@@ -182,13 +224,15 @@ def fisher_robustness_radius(
 
 @dataclass(frozen=True)
 class FisherScores:
-    """Per-sample scores from one operator: lambda_max, tr F, robustness radius, top eigenvector, the
-    prediction and margin log p_top1 - log p_top2, with `margin_gradient=True` |grad_x (z_top1 - z_top2)|, and
-    with `top_k` the probability merged into one class (lambda_max and tr F are then of the merged F)."""
+    """Per-sample scores from one operator: lambda_max, tr F, robustness radius, Fisher step (a distance
+    estimate, `fisher_step`), top eigenvector, the prediction and margin log p_top1 - log p_top2, with
+    `margin_gradient=True` |grad_x (z_top1 - z_top2)|, and with `top_k` the probability merged into one class
+    (lambda_max and tr F are then of the merged F)."""
 
     spectral_norm: Tensor
     trace: Tensor
     radius: Tensor
+    fisher_step: Tensor
     eigenvector: Tensor
     prediction: Tensor
     margin: Tensor
@@ -219,6 +263,7 @@ def fisher_scores(
             spectral_norm=pair.eigenvalue,
             trace=trace,
             radius=_margin_over_sqrt(op, pair.eigenvalue),
+            fisher_step=_fisher_step(op, pair.eigenvalue),
             eigenvector=pair.eigenvector.detach(),
             prediction=op.log_probs.argmax(1),
             margin=margin,

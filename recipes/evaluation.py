@@ -6,8 +6,10 @@ Columns (one value per sample):
 - `label`, `prediction`, `correct`, `margin` = log p_top1 - log p_top2.
 - `lambda_max`, `trace`, `radius`: the white-box Fisher scores (`fisher_scores`); radius = margin /
   sqrt(lambda_max), a robustness score, not a distance (in the two-class limit it is the linear step divided
-  by sqrt(p1 p2), so it overstates the distance to the boundary). With `top_k`, `neglected_mass` is the
-  probability of the classes merged into one (lambda_max is then a lower bound).
+  by sqrt(p1 p2), so it overstates the distance to the boundary). `fisher_step` = margin sqrt(p1 p2 / ((p1 +
+  p2) lambda_max)): the Fisher's estimate of that distance (`fim_lightning.fisher_step`, <= linear_step).
+  With `top_k`, `neglected_mass` is the probability of the classes merged into one (lambda_max is then a
+  lower bound).
 - `lambda_max_blackbox`: `blackbox_fisher` from `blackbox_queries` queries per sample.
 - `bound`: `fisher_spectral_bound` at the sample (an upper bound on lambda_max).
 - `grad_norm`: the "Lipschitz" baseline |grad_x (z_top1 - z_top2)|, the local slope of the logit margin;
@@ -26,6 +28,7 @@ scored in: `batch_columns` of any split of the data gives the same rows as one c
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import numpy as np
@@ -50,7 +53,10 @@ class RobustnessEvaluation:
         blackbox_queries: query budget per sample of the black-box estimate (None: skip).
         blackbox_difference: its finite differences, "forward" or "central".
         bound: compute the architecture bound (raises for architectures the bound does not know).
-        clever_samples: CLEVER on the first samples only (it costs ~9 x batches x batch_size gradients each).
+        clever_samples: CLEVER on the first samples only (it costs (C - 1) x clever_batches x
+            clever_batch_size gradients each).
+        clever_radius, clever_batches, clever_batch_size: CLEVER's search radius and its sampling (ART's
+            `radius`, `nb_batches`, `batch_size`).
         pgd_linf_eps, pgd_l2_eps, pgd_steps: the PGD attacks (None eps: skip).
         cw_const, cw_steps: the Carlini-Wagner L2 attack (cw_steps 0: skip).
         minimal_search_steps, minimal_deepfool: the minimal-perturbation search (0 steps and no DeepFool: skip).
@@ -60,7 +66,8 @@ class RobustnessEvaluation:
 
     def __init__(self, batch_size: int = 100, top_k: Optional[int] = None, model_dtype: Optional[str] = None,
                  blackbox_queries: Optional[int] = 129, blackbox_difference: str = "forward", bound: bool = True,
-                 clever_samples: int = 20, clever_radius: float = 2.0, pgd_linf_eps: Optional[float] = 8 / 255,
+                 clever_samples: int = 20, clever_radius: float = 2.0, clever_batches: int = 10,
+                 clever_batch_size: int = 20, pgd_linf_eps: Optional[float] = 8 / 255,
                  pgd_l2_eps: Optional[float] = 0.5, pgd_steps: int = 20, cw_const: float = 1.0, cw_steps: int = 20,
                  minimal_search_steps: int = 10, minimal_deepfool: bool = True, seed: int = 0,
                  progress: bool = True) -> None:
@@ -68,9 +75,19 @@ class RobustnessEvaluation:
         self.model_dtype = getattr(torch, model_dtype) if model_dtype else None
         self.blackbox_queries, self.blackbox_difference, self.bound = blackbox_queries, blackbox_difference, bound
         self.clever_samples, self.clever_radius = clever_samples, clever_radius
+        self.clever_batches, self.clever_batch_size = clever_batches, clever_batch_size
         self.pgd_linf_eps, self.pgd_l2_eps, self.pgd_steps = pgd_linf_eps, pgd_l2_eps, pgd_steps
         self.cw_const, self.cw_steps = cw_const, cw_steps
         self.minimal_search_steps, self.minimal_deepfool = minimal_search_steps, minimal_deepfool
+
+    def scores_only(self) -> "RobustnessEvaluation":
+        """This evaluation without the attacks and CLEVER: the Fisher scores, black-box estimate, bound and
+        baselines only (e.g. for the untrained model)."""
+        scores = copy.copy(self)
+        scores.pgd_linf_eps = scores.pgd_l2_eps = None
+        scores.cw_steps = scores.minimal_search_steps = scores.clever_samples = 0
+        scores.minimal_deepfool = False
+        return scores
 
     def sample_seeds(self, indices: np.ndarray) -> list[int]:
         """One seed per sample from (`seed`, dataset index)."""
@@ -81,6 +98,7 @@ class RobustnessEvaluation:
         options = {"top_k": self.top_k} if self.top_k is not None else {}
         scores = fisher_scores(model, images, model_dtype=self.model_dtype, margin_gradient=True, **options)
         parts = {"lambda_max": scores.spectral_norm, "trace": scores.trace, "radius": scores.radius,
+                 "fisher_step": scores.fisher_step,
                  "prediction": scores.prediction, "margin": scores.margin, "grad_norm": scores.margin_gradient_norm,
                  "linear_step": scores.margin / scores.margin_gradient_norm}
         if self.top_k is not None:
@@ -119,7 +137,8 @@ class RobustnessEvaluation:
             clever = np.full(len(images), np.nan)
             if len(chosen):
                 clever[chosen] = attacks.clever_scores(model, images[torch.as_tensor(chosen)],
-                                                       radius=self.clever_radius, seed=self.seed,
+                                                       radius=self.clever_radius, batches=self.clever_batches,
+                                                       batch_size=self.clever_batch_size, seed=self.seed,
                                                        seeds=[seeds[i] for i in chosen])
             columns["clever"] = clever
         return columns

@@ -123,6 +123,28 @@ def cifar_resnet(num_classes: int = 10, in_channels: int = 3, layers: Sequence[i
     return _normalized(net, in_channels, mean, std)
 
 
+def small_resnet(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = (16, 32, 64),
+                 blocks: int = 1, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.25,)) -> nn.Sequential:
+    """The CIFAR ResNet of He et al. (2016, section 4.2) from torchvision's BasicBlock: a 3x3 stem, one stage
+    per width (`blocks` blocks each, stride 2 from the second stage, 1x1 projection shortcuts), global
+    pool, linear. ResNet-8 by default: ~80k weights, trains on a CPU at full resolution."""
+    from torchvision.models.resnet import BasicBlock
+
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+                               nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    channels = widths[0]
+    for stage, width in enumerate(widths):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            shortcut = None
+            if stride != 1 or channels != width:
+                shortcut = nn.Sequential(nn.Conv2d(channels, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+            layers.append(BasicBlock(channels, width, stride, shortcut))
+            channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return _normalized(nn.Sequential(*layers), in_channels, mean, std)
+
+
 def cifar_densenet(num_classes: int = 10, in_channels: int = 3, growth_rate: int = 12,
                    block_config: Sequence[int] = (4, 4, 4), num_init_features: int = 24, bn_size: int = 4,
                    mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.25,)) -> nn.Sequential:

@@ -5,7 +5,8 @@
 
 Writes `report.md` (printed too) and plots: `scatter_<score>.png` (per sample, score against the minimal
 perturbation), `ranking.png` (architectures by median lambda_max with their robust accuracy),
-`fim_curves.png` (FIM curves over training of every run) and the per-run summaries as `models.csv`.
+`fim_curves.png` (FIM curves over training of every run), `theory_kl.png` (the KL against its quadratic
+model on one trained run per model, `theory_images` > 0) and the per-run summaries as `models.csv`.
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from recipes import statistics
+from recipes import statistics, theory
 from fim_lightning.figures import overlay_curves, save
 from recipes.common import CONFIG_DIR, machine
 from recipes.scoring import valid_shards
@@ -71,6 +74,53 @@ def unsupported(table: statistics.Table, columns: dict[str, str]) -> list[str]:
     return lines
 
 
+def theory_runs(table: statistics.Table) -> dict[str, Path]:
+    """One trained run per (model, regularizer), the lowest seed with a checkpoint and its fim-train config."""
+    chosen: dict[tuple[str, str], tuple[str, Path]] = {}
+    keys = set(zip(table["seed"].astype(float), table["model"], table["regularizer"], table["run"]))
+    for seed, model, regularizer, run in sorted(keys):
+        folder = Path(run)
+        if (folder / "checkpoints" / "last.ckpt").exists() and (folder / ".hydra" / "config.yaml").exists():
+            chosen.setdefault((model, regularizer), (f"{model} / {regularizer} / seed {int(seed)}", folder))
+    return dict(chosen.values())
+
+
+def theory_checks(folder: Path, images: int) -> theory.TheoryChecks:
+    """`recipes.theory` on the first `images` samples of the evaluated split of the fim-train run in `folder`."""
+    trained = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    net = instantiate(trained.model)
+    state = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+    datamodule = instantiate(trained.data)
+    datamodule.setup("test")
+    dataset = datamodule.splits[trained.evaluate.split]
+    return theory.theory_checks(net.eval(), torch.stack([dataset[i][0] for i in range(images)]))
+
+
+def theory_section(table: statistics.Table, images: int, out: Path) -> list[str]:
+    """The two statements of `recipes.theory` on one trained run per model, as a table and `theory_kl.png`."""
+    checks = {label: theory_checks(folder, images) for label, folder in theory_runs(table).items()}
+    if not checks:
+        return []
+    rows = []
+    for label, check in checks.items():
+        row = {"run": label, "images": len(check.kl_top)}
+        for entry in theory.covariance_rows(check):
+            row[f"error x sqrt(N), N={entry['labels drawn N']}"] = entry["median error x sqrt(N)"]
+        row["t leaving [0.9, 1.1]: top eigenvector"] = theory.first_departure(np.median(check.kl_top, 0))
+        row["random direction"] = theory.first_departure(np.median(check.kl_random, 0))
+        rows.append(row)
+    save(theory.kl_figure(checks), out / "theory_kl.png")
+    return ["## The theory on the trained models\n",
+            f"Per run, on its first {images} evaluated images, in float64 (`recipes/theory.py`). (1) F(x) is the "
+            "covariance of the input scores grad_x log p(y|x), y ~ p: the relative Frobenius error of the "
+            "Monte-Carlo estimate from N drawn labels, median over images, times sqrt(N) (constant for an unbiased "
+            "estimate). (2) KL(p(x) || p(x + t v)) = t^2/2 v^T F v to second order: the first L2 step t (pixels in "
+            "[0, 1]) where the median ratio leaves [0.9, 1.1], along the top eigenvector and along random unit "
+            "directions (3 per image); the curves are in `theory_kl.png`.\n",
+            statistics.markdown(rows, list(rows[0])), ""]
+
+
 def build_report(cfg: DictConfig) -> str:
     files = score_files(run_folders(cfg.runs))
     table = statistics.read_table(files)
@@ -110,8 +160,9 @@ def build_report(cfg: DictConfig) -> str:
     present = {name for row in summaries for name in row}
     outcomes = [name for name in ("PGD L-inf accuracy", "PGD L2 accuracy", "median min perturbation")
                 if name in present]
-    scores = [name for name in ("median lambda_max", "mean lambda_max", "median radius", "median bound",
-                                "median grad_norm", "median linear_step") if name in present]
+    scores = [name for name in ("median lambda_max", "mean lambda_max", "median radius", "median fisher_step",
+                                "median bound", "median grad_norm", "median linear_step", "median clever")
+              if name in present]
     stages = list(dict.fromkeys(row["stage"] for row in summaries))
     across = [{"stage": stage, **row} for stage in stages for row in statistics.model_correlations(
         [r for r in summaries if r["stage"] == stage], scores, outcomes, GROUP, cfg.draws)]
@@ -119,6 +170,13 @@ def build_report(cfg: DictConfig) -> str:
         lines += ["## Across models: ranking by score against ranking by attack\n",
                   "Per stage; seed-averaged per-model values; 95% bootstrap interval over seeds within each model.\n",
                   statistics.markdown(across, ["stage", "score", "outcome", "models", "spearman", "kendall"]), ""]
+    trained = [row for row in summaries if row["stage"] == "trained"]
+    per_run = statistics.run_correlations(trained, scores, outcomes, cfg.draws)
+    if per_run:
+        lines += ["## Across trained runs: every model and seed a point\n",
+                  f"{len({tuple(r[k] for k in (*GROUP, 'seed')) for r in trained})} trained runs; 95% bootstrap "
+                  "interval over runs.\n",
+                  statistics.markdown(per_run, ["score", "outcome", "runs", "spearman", "kendall"]), ""]
     if "median bound" in present:
         lines += ["## Theoretical ranking: the architecture bound against lambda_max and attacks\n"]
         for stage in stages:
@@ -129,6 +187,9 @@ def build_report(cfg: DictConfig) -> str:
             lines += [f"Stage `{stage}`:\n", statistics.markdown(ranking, list(ranking[0])), ""]
             if agreement:
                 lines += [statistics.markdown(agreement, ["score", "outcome", "models", "spearman", "kendall"]), ""]
+
+    if cfg.theory_images:
+        lines += theory_section(table, cfg.theory_images, out)
 
     for score in ("radius", "lambda_max"):
         if score in table and cfg.target in table:

@@ -25,8 +25,8 @@ from fim_lightning.figures import new_figure
 Table = dict[str, np.ndarray]
 METHODS: dict[str, Callable] = {"spearman": stats.spearmanr, "kendall": stats.kendalltau, "pearson": stats.pearsonr}
 META = ("model", "data", "regularizer", "seed", "stage")
-SCORES = ("radius", "linear_step", "lambda_max", "lambda_max_blackbox", "trace", "bound", "grad_norm", "clever",
-          "margin")
+SCORES = ("radius", "fisher_step", "linear_step", "lambda_max", "lambda_max_blackbox", "trace", "bound",
+          "grad_norm", "clever", "margin")
 
 
 def read_table(paths: Iterable[Path]) -> Table:
@@ -173,7 +173,7 @@ def _within(factor: float) -> Callable[[np.ndarray, np.ndarray], float]:
     return share
 
 
-DISTANCES = ("linear_step", "radius", "clever")
+DISTANCES = ("linear_step", "fisher_step", "radius", "clever")
 AGREEMENT = {"median measured / predicted": _median_ratio, "share within 1.5x": _within(1.5)}
 
 
@@ -216,6 +216,8 @@ MODEL_SUMMARIES = {
     "median bound": ("bound", np.nanmedian),
     "median grad_norm": ("grad_norm", np.nanmedian),
     "median linear_step": ("linear_step", np.nanmedian),
+    "median fisher_step": ("fisher_step", np.nanmedian),
+    "median clever": ("clever", np.nanmedian),
 }
 
 
@@ -255,6 +257,28 @@ def model_correlations(summaries: list[dict], scores: Sequence[str], outcomes: S
                 low, high = np.nanpercentile(boot, [2.5, 97.5]) if np.isfinite(boot).any() and not single \
                     else (np.nan, np.nan)
                 row[method] = (correlation(*means(runs), method), float(low), float(high))
+            results.append(row)
+    return results
+
+
+def run_correlations(summaries: list[dict], scores: Sequence[str], outcomes: Sequence[str], draws: int = 1000,
+                     seed: int = 0) -> list[dict]:
+    """Spearman / Kendall across runs (every trained model, seeds apart), 95% interval from a bootstrap over
+    runs."""
+    rng = np.random.default_rng(seed)
+    results = []
+    for score in scores:
+        for outcome in outcomes:
+            runs = [(r[score], r[outcome]) for r in summaries if score in r and outcome in r]
+            if len(runs) < 4:
+                continue
+            values = np.array(runs)
+            row = {"score": score, "outcome": outcome, "runs": len(runs)}
+            for method in ("spearman", "kendall"):
+                boot = [correlation(*values[rng.integers(len(values), size=len(values))].T, method)
+                        for _ in range(draws)]
+                low, high = np.nanpercentile(boot, [2.5, 97.5])
+                row[method] = (correlation(*values.T, method), float(low), float(high))
             results.append(row)
     return results
 

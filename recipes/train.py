@@ -74,7 +74,8 @@ def train(cfg: DictConfig) -> dict:
         (output_dir / "run.yaml").write_text(OmegaConf.to_yaml(run))
     meta = {**dict(cfg.tags), "seed": cfg.seed}
     if evaluation is not None and cfg.evaluate.at_init:
-        score_split(trainer, module.net, evaluation, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples, meta,
+        at_init = evaluation if cfg.evaluate.get("at_init_attacks", True) else evaluation.scores_only()
+        score_split(trainer, module.net, at_init, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples, meta,
                     output_dir, "init")
     fisher = next((c for c in callbacks if isinstance(c, FisherRobustnessCallback)), None)
     try:

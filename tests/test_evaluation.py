@@ -33,6 +33,11 @@ def test_columns_of_a_linear_model_match_their_closed_forms():
     # linear model: the linear step margin / |w_top - w_second| is the exact distance to that decision boundary
     np.testing.assert_allclose(table["linear_step"], table["margin"] / (w[top] - w[second]).norm(dim=1).numpy(),
                                rtol=1e-5)
+    # the Fisher step: margin sqrt(p1 p2 / ((p1 + p2) lambda_max)) with the closed-form F, <= the linear step
+    top2 = p.topk(2, dim=1).values
+    np.testing.assert_allclose(table["fisher_step"], table["margin"] * np.sqrt(
+        (top2.prod(1) / top2.sum(1)).numpy() / exact.numpy()), rtol=1e-5)
+    assert (table["fisher_step"] <= table["linear_step"] * (1 + 1e-6)).all()
     # d = 6 and 13 queries: the orthonormal frame spans the input space, exact up to finite differences
     np.testing.assert_allclose(table["lambda_max_blackbox"], table["lambda_max"], rtol=1e-3)
     assert (table["bound"] >= table["lambda_max"]).all()
@@ -55,7 +60,7 @@ def test_top_k_reports_the_merged_mass_and_stays_a_lower_bound():
     assert (table["lambda_max"] <= full * (1 + 1e-6)).all() and (table["lambda_max"] > 0).all()
     p = model(x).softmax(-1).detach().sort(dim=1, descending=True).values
     np.testing.assert_allclose(table["neglected_mass"], p[:, 3:].sum(1).numpy(), rtol=1e-5)
-    assert set(table) == {"index", "label", "lambda_max", "trace", "radius", "prediction", "margin", "grad_norm",
+    assert set(table) == {"index", "label", "lambda_max", "trace", "radius", "fisher_step", "prediction", "margin", "grad_norm",
                           "linear_step", "neglected_mass", "correct"}
 
 

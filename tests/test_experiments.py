@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -107,4 +108,17 @@ def test_sweep_evaluate_and_report_end_to_end(tmp_path):
     assert float(ratio[0].split("|")[6].split()[0]) == pytest.approx(np.mean(per_seed_ratio), abs=5e-4)
     for plot in ("scatter_radius.png", "ranking.png", "fim_curves.png"):
         assert (out / plot).stat().st_size > 5000
-    assert "## Theoretical ranking" in printed and "## Across models" in printed
+    assert "## Theoretical ranking" in printed and "## Across models" in printed and "## Across trained runs" in printed
+
+    # the theory section: one trained run per model (3 regularizers), Monte-Carlo error x sqrt(N) of an unbiased
+    # estimate (about constant, order 1), the quadratic KL model holding for small steps
+    theory_rows = [line.split("|")[1:-1] for line in printed.split("## The theory on the trained models")[1]
+                   .split("\n## ")[0].splitlines() if line.startswith("| small_cnn")]
+    assert len(theory_rows) == 3
+    for row in theory_rows:
+        scaled = [float(cell) for cell in row[2:6]]
+        assert all(0.2 < value < 5 for value in scaled) and max(scaled) / min(scaled) < 2
+        assert float(row[6]) > 1e-3 and float(row[7]) > 1e-3  # the ratio is within 10% at the smallest step
+    pixels = plt.imread(out / "theory_kl.png")[..., :3]
+    coloured = (pixels.max(-1) - pixels.min(-1)) > 0.3  # saturated line colours, not grey
+    assert coloured.mean() > 0.002 and len(np.unique((pixels[coloured] * 4).round(), axis=0)) >= 3

@@ -181,6 +181,42 @@ def test_robustness_radius_is_the_fisher_normalised_margin():
                                (top2[:, 0] - top2[:, 1]) / reference.sqrt(), rtol=1e-6, atol=0)
 
 
+def test_fisher_step_is_the_distance_to_a_linear_two_class_boundary():
+    """Two classes, z = W x + b: F = p1 p2 g g^T, so the Fisher step is |g . x + c| / |g|, the exact L2
+    distance to the hyperplane where the prediction flips; a bisection along the normal finds it too."""
+    gen = torch.Generator().manual_seed(20)
+    linear = nn.Linear(6, 2).double()
+    x = 3 * torch.randn(8, 6, generator=gen, dtype=torch.float64)
+    g = (linear.weight[0] - linear.weight[1]).detach()
+    c = (linear.bias[0] - linear.bias[1]).detach()
+    distance = (x @ g + c).abs() / g.norm()
+    step = fl.fisher_step(linear, x)
+    torch.testing.assert_close(step, distance, rtol=1e-9, atol=0)
+    crossing = x - ((x @ g + c) / g.norm() ** 2).unsqueeze(1) * g * (1 + 1e-6)
+    assert (linear(crossing).argmax(1) != linear(x).argmax(1)).all()
+
+
+def test_fisher_step_is_at_most_the_linear_step_with_equality_for_two_classes():
+    """s = margin sqrt(p1 p2 / ((p1 + p2) lambda_max)) against a dense float64 F: never above margin / |g|
+    (law of total variance), equal to it for a two-class network."""
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(21))
+    for classes, equal in ((10, False), (2, True)):
+        model = make_cnn(classes=classes)
+        reference = torch.linalg.eigvalsh(dense_fisher(model, x))[:, -1]
+        top2 = copy.deepcopy(model).double()(x.double()).log_softmax(-1).topk(2).values.detach()
+        pair = (top2.sum(1) - top2.logsumexp(1)).exp()
+        expected = (top2[:, 0] - top2[:, 1]) * (pair / reference).sqrt()
+        scores = fl.fisher_scores(model, x, model_dtype=torch.float64, margin_gradient=True)
+        torch.testing.assert_close(scores.fisher_step, expected, rtol=1e-8, atol=0)
+        torch.testing.assert_close(fl.fisher_step(model, x, model_dtype=torch.float64), expected, rtol=1e-8, atol=0)
+        linear_step = scores.margin / scores.margin_gradient_norm
+        if equal:
+            torch.testing.assert_close(scores.fisher_step, linear_step, rtol=1e-8, atol=0)
+        else:
+            assert (scores.fisher_step <= linear_step * (1 + 1e-9)).all()
+            assert (scores.fisher_step < 0.99 * linear_step).any()  # other classes do move faster somewhere
+
+
 def test_chunk_size_does_not_change_the_result():
     model, x = make_cnn(), torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(14))
     torch.testing.assert_close(fl.fisher_spectral_norm(model, x, chunk_size=3), fl.fisher_spectral_norm(model, x),
