@@ -1,13 +1,18 @@
-"""Pieces the recipes share: the config folder, the machine line, the Hydra resolver."""
+"""Pieces the recipes share: the config folder, the machine line, the Hydra resolvers, the SIGTERM exit."""
 from __future__ import annotations
 
 import logging
 import os
 import platform
+import signal
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from omegaconf import OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 logging.getLogger("art").setLevel(logging.WARNING)  # ART logs every attack at INFO through Hydra's root handler
@@ -30,3 +35,16 @@ def machine() -> str:
         pass
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {device}"
+
+
+@contextmanager
+def exit_on_sigterm(on_stop: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Turn Lightning's SIGTERMException (a scheduler's stop, raised by fit and by the scoring writer) into
+    exit status 143 after `on_stop()`: Lightning alone would exit 0, and in a Hydra multirun the sweep would go
+    on to its next job."""
+    try:
+        yield
+    except SIGTERMException:
+        on_stop()
+        logging.getLogger("recipes").error("stopped by SIGTERM")
+        sys.exit(128 + signal.SIGTERM)

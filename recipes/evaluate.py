@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipes.statistics import markdown, model_summaries, read_table
-from recipes.common import CONFIG_DIR
+from recipes.common import CONFIG_DIR, exit_on_sigterm
 from recipes.scoring import score_split
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,9 @@ def evaluate(cfg: DictConfig) -> Path:
     pl.seed_everything(cfg.seed)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     meta = {**dict(cfg.tags), "seed": cfg.seed}
-    path = score_split(trainer, load_net(cfg), instantiate(cfg.evaluation), instantiate(cfg.data), cfg.evaluate.split,
-                       cfg.evaluate.num_samples, meta, Path(cfg.output_dir), cfg.stage)
+    with exit_on_sigterm():  # the shards so far stay; run again with the same folder to resume
+        path = score_split(trainer, load_net(cfg), instantiate(cfg.evaluation), instantiate(cfg.data),
+                           cfg.evaluate.split, cfg.evaluate.num_samples, meta, Path(cfg.output_dir), cfg.stage)
     if trainer.is_global_zero:
         summary = model_summaries(read_table([path]))
         log.info(markdown(summary, [c for c in summary[0] if c not in ("stage",)]))

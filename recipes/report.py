@@ -188,7 +188,7 @@ def build_report(cfg: DictConfig) -> str:
             if agreement:
                 lines += [statistics.markdown(agreement, ["score", "outcome", "models", "spearman", "kendall"]), ""]
 
-    if cfg.theory_images:
+    if cfg.get("theory_images"):
         lines += theory_section(table, cfg.theory_images, out)
 
     for score in ("radius", "lambda_max"):

@@ -30,6 +30,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -199,6 +200,8 @@ class ShardWriter(BasePredictionWriter):
             left = (total - self._written * trainer.world_size) / rate
             rank_zero_info(f"scoring {self.stage}: {self._written * trainer.world_size}/{total} samples, "
                            f"{rate:.2f} samples/s, {left / 60:.1f} min left")
+        if trainer.received_sigterm:  # Lightning's predict loop runs on after SIGTERM; this batch is on disk
+            raise SIGTERMException
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.strategy.barrier("scoring_merge")  # every rank's last shard is on disk

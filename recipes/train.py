@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -19,11 +17,10 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fim_lightning import FisherRobustnessCallback
 from fim_lightning.figures import curves_figure, save
-from recipes.common import CONFIG_DIR
+from recipes.common import CONFIG_DIR, exit_on_sigterm
 from recipes.scoring import score_split
 
 log = logging.getLogger(__name__)
@@ -73,27 +70,27 @@ def train(cfg: DictConfig) -> dict:
         run = {"tags": OmegaConf.to_container(cfg.tags, resolve=True), "seed": cfg.seed}
         (output_dir / "run.yaml").write_text(OmegaConf.to_yaml(run))
     meta = {**dict(cfg.tags), "seed": cfg.seed}
-    if evaluation is not None and cfg.evaluate.at_init:
-        at_init = evaluation if cfg.evaluate.get("at_init_attacks", True) else evaluation.scores_only()
-        score_split(trainer, module.net, at_init, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples, meta,
-                    output_dir, "init")
     fisher = next((c for c in callbacks if isinstance(c, FisherRobustnessCallback)), None)
-    try:
+
+    def keep_curve() -> None:
+        if trainer.is_global_zero and fisher is not None and fisher.history:
+            write_fim_outputs(fisher, output_dir)
+
+    with exit_on_sigterm(keep_curve):  # keep the curve so far and tell the scheduler
+        if evaluation is not None and cfg.evaluate.at_init:
+            at_init = evaluation if cfg.evaluate.get("at_init_attacks", True) else evaluation.scores_only()
+            score_split(trainer, module.net, at_init, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
+                        meta, output_dir, "init")
         trainer.fit(module, datamodule=datamodule)
-    except SIGTERMException:  # Lightning exits 0 on SIGTERM: keep the curve so far and tell the scheduler
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
         if trainer.is_global_zero:
             write_fim_outputs(fisher, output_dir)
-            log.error("stopped by SIGTERM")
-        sys.exit(128 + signal.SIGTERM)
-    results = trainer.test(module, datamodule=datamodule, verbose=False)
-    if trainer.is_global_zero:
-        write_fim_outputs(fisher, output_dir)
-        log.info(f"\ntest accuracy {results[0].get('test/acc', float('nan')):.4f}")
-    if evaluation is not None:
-        path = score_split(trainer, module.net, evaluation, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
-                           meta, output_dir, "trained")
-        if trainer.is_global_zero:
-            log.info(f"per-sample scores: {path}")
+            log.info(f"\ntest accuracy {results[0].get('test/acc', float('nan')):.4f}")
+        if evaluation is not None:
+            path = score_split(trainer, module.net, evaluation, datamodule, cfg.evaluate.split,
+                               cfg.evaluate.num_samples, meta, output_dir, "trained")
+            if trainer.is_global_zero:
+                log.info(f"per-sample scores: {path}")
     if trainer.is_global_zero:
         (output_dir / DONE).write_text(json.dumps(results[0]))
     return results[0]

@@ -73,6 +73,17 @@ class SigtermAtStep(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigtermAtPrediction(pl.Callback):
+    """Sends SIGTERM to its own process as prediction batch `batch` starts (scoring, not training)."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class ExitAfterBatches(pl.Callback):
     """Ends its process at once, with no clean-up (as SIGKILL would), after `batches` prediction batches."""
 

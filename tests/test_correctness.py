@@ -295,6 +295,23 @@ def test_fim_train_stopped_by_sigterm_exits_non_zero_with_its_fim_outputs(tmp_pa
     assert "stopped by SIGTERM" in out.stdout + out.stderr
 
 
+def test_sigterm_while_scoring_stops_the_sweep_with_143_and_the_shards_so_far(tmp_path):
+    """Lightning's predict loop ignores SIGTERM; the scoring writer stops after the batch on disk, and the
+    multirun does not go on to its next job."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    out = subprocess.run(
+        [sys.executable, "-m", "recipes.train", "-m", "seed=0,1", "trainer.max_epochs=1", "logger=csv",
+         f"hydra.sweep.dir={tmp_path}", "+trainer.enable_progress_bar=false", "evaluation=fisher_only",
+         "evaluation.batch_size=8", "evaluate.num_samples=40", "evaluation.progress=false",
+         "+callbacks.stop._target_=tests.lightning_helpers.SigtermAtPrediction", "+callbacks.stop.batch=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
+    assert "stopped by SIGTERM" in out.stdout + out.stderr
+    assert not (tmp_path / "1").exists() and not (tmp_path / "0" / "done.json").exists()
+    assert len(list((tmp_path / "0" / "shards" / "trained").glob("*.csv"))) == 2  # batches 0 and 1, not 5
+
+
 # -- 10. fim-report inputs -------------------------------------------------------------------------------------
 def _scores_table(model, seed, with_attacks=True):
     rng = np.random.default_rng(seed)
