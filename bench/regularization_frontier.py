@@ -1,0 +1,187 @@
+"""The robustness / cost frontier of the Fisher penalties against TRADES and PGD adversarial training.
+
+Every method gets the same 3-point search of its strength (the Fisher penalties' weight, TRADES' beta,
+PGD-AT's training eps) and every setting trains `--seeds` seeds of the recipes' SmallCNN for `--epochs`
+epochs on an offline data set (`--train` images). Per run: clean test accuracy, PGD L-inf 8/255 and L2 0.5
+robust accuracy (ART, 20 steps, one random start) and the median minimal L2 perturbation (DeepFool + PGD
+bisection) on the first `--eval` test images, and the training wall time. Runs append to
+`bench/results/frontier_<data>.jsonl` and a finished run is skipped when the command is started again.
+
+    python bench/regularization_frontier.py --data cifar10              # train what is missing, then report
+    python bench/regularization_frontier.py --data fashion_mnist --train 10000
+    python bench/regularization_frontier.py --data cifar10 --report     # the table and the Pareto figure only
+
+The report: per setting, means over seeds with 95% t-intervals; the matched comparison (each method's
+setting whose clean accuracy is within 2 points of TRADES' most robust setting, if any); and
+`frontier_<data>.png`, clean accuracy against PGD L2 and L-inf accuracy, marker area = training time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fim_lightning as fl  # noqa: E402
+from bench.common import data_dir, machine, quiet_lightning  # noqa: E402
+from fim_lightning.figures import new_figure, save  # noqa: E402
+from fim_lightning.module import FisherRegularizedClassifier  # noqa: E402
+from recipes import attacks  # noqa: E402
+from recipes.data import NpzDataModule, TorchvisionDataModule  # noqa: E402
+from recipes.models import SmallCNN  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EPS = 8 / 255
+
+
+def data_module(name: str, train: int) -> pl.LightningDataModule:
+    """The offline data set `name` with its first `train` training images."""
+    if name == "cifar10":
+        return NpzDataModule(str(data_dir() / "cifar10_subset.npz"), num_classes=10, in_channels=3, batch_size=128,
+                             limit_train=train)
+    return TorchvisionDataModule("FashionMNIST", num_classes=10, in_channels=1, batch_size=128,
+                                 idx_dir="/usr/share/datasets/fashion-mnist", download=False, limit_train=train)
+
+
+SETTINGS = {
+    "plain": {"-": {}},
+    "FisherWorstDirectionPenalty": {f"w={w}": {"penalty": partial(fl.FisherWorstDirectionPenalty, weight=w)}
+                                    for w in (0.1, 0.3, 1.0)},
+    "FisherKLPenalty": {f"w={w}": {"penalty": partial(fl.FisherKLPenalty, weight=w)} for w in (0.1, 0.3, 1.0)},
+    "TRADES": {f"beta={b}": {"penalty": partial(attacks.TradesPenalty, beta=b)} for b in (1.0, 3.0, 6.0)},
+    "PGD-AT": {f"eps={e}/255": {"adversarial": partial(attacks.PGD, eps=e / 255, step_size=e / 255 / 4)}
+               for e in (2, 4, 8)},
+}
+
+
+def run(data: pl.LightningDataModule, method: str, setting: str, seed: int, epochs: int, evaluated: int) -> dict:
+    """Train one setting with one seed; its clean / robust accuracies, median minimal perturbation, time."""
+    pl.seed_everything(seed, workers=True)
+    channels = data.in_channels
+    options = {name: make() for name, make in SETTINGS[method][setting].items()}
+    module = FisherRegularizedClassifier(SmallCNN(channels, 10), 10, optimizer=partial(torch.optim.Adam, lr=3e-3),
+                                         **options)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, deterministic=True)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    net = module.net.eval()
+    images, labels = (torch.stack(part) for part in zip(*(data.splits["test"][i] for i in range(len(data.splits["test"])))))
+    with torch.no_grad():
+        clean = (torch.cat([net(b).argmax(1) for b in images.split(256)]) == labels).float().mean().item()
+    x, y = images[:evaluated], labels[:evaluated]
+    return {"clean": clean, "train_s": seconds,
+            "pgd_linf": attacks.robust_accuracy(net, x, y, norm="linf", eps=EPS, step_size=EPS / 4),
+            "pgd_l2": attacks.robust_accuracy(net, x, y, norm="l2", eps=0.5, step_size=0.125),
+            "median_min_perturbation": float(np.median(attacks.minimal_perturbation(net, x, search_steps=5)))}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval (0 for one value)."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
+
+
+def report(rows: list[dict], name: str) -> None:
+    """The table, the matched comparison and the Pareto figure of the finished runs."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["method"], row["setting"]), []).append(row)
+    metrics = ("clean", "pgd_l2", "pgd_linf", "median_min_perturbation", "train_s")
+    summary = {key: {m: interval([r[m] for r in runs]) for m in metrics} | {"seeds": len(runs)}
+               for key, runs in grouped.items()}
+    print("| method | setting | seeds | clean acc | PGD L2 0.5 acc | PGD L-inf 8/255 acc | median min perturbation (L2) "
+          "| train time (s) |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    for (method, setting), s in summary.items():
+        cells = " | ".join(f"{s[m][0]:.3f} ± {s[m][1]:.3f}" if m != "train_s" else f"{s[m][0]:.0f}" for m in metrics)
+        print(f"| {method} | {setting} | {s['seeds']} | {cells} |")
+    trades = {k: s for k, s in summary.items() if k[0] == "TRADES"}
+    if trades:
+        reference_key = max(trades, key=lambda k: trades[k]["pgd_l2"][0])
+        reference = trades[reference_key]
+        print(f"\nmatched to TRADES {reference_key[1]} (clean {reference['clean'][0]:.3f}, PGD L2 "
+              f"{reference['pgd_l2'][0]:.3f}, {reference['train_s'][0]:.0f} s): each method's most robust setting "
+              "with clean accuracy within 2 points")
+        print("| method | setting | clean - TRADES | PGD L2 - TRADES | time / TRADES |\n|---|---|---:|---:|---:|")
+        for method in dict.fromkeys(k[0] for k in summary):
+            close = [(k, s) for k, s in summary.items() if k[0] == method
+                     and abs(s["clean"][0] - reference["clean"][0]) <= 0.02]
+            if close:
+                key, s = max(close, key=lambda item: item[1]["pgd_l2"][0])
+                print(f"| {method} | {key[1]} | {s['clean'][0] - reference['clean'][0]:+.3f} | "
+                      f"{s['pgd_l2'][0] - reference['pgd_l2'][0]:+.3f} | {s['train_s'][0] / reference['train_s'][0]:.2f} |")
+            else:
+                print(f"| {method} | none within 2 points | | | |")
+    figure = new_figure(10.0, 4.5)
+    longest = max(s["train_s"][0] for s in summary.values())
+    for index, (metric, label) in enumerate((("pgd_l2", "PGD L2 0.5 accuracy"), ("pgd_linf", "PGD L-inf 8/255 accuracy"))):
+        ax = figure.add_subplot(1, 2, index + 1)
+        for colour, method in enumerate(SETTINGS):
+            points = [s for k, s in summary.items() if k[0] == method]
+            if not points:
+                continue
+            ax.errorbar([p["clean"][0] for p in points], [p[metric][0] for p in points],
+                        xerr=[p["clean"][1] for p in points], yerr=[p[metric][1] for p in points], fmt="none",
+                        ecolor=f"C{colour}", alpha=0.6)
+            ax.scatter([p["clean"][0] for p in points], [p[metric][0] for p in points],
+                       s=[20 + 300 * p["train_s"][0] / longest for p in points], color=f"C{colour}", alpha=0.8,
+                       label=method)
+        ax.set_xlabel("clean accuracy")
+        ax.set_ylabel(label)
+        ax.set_title(f"{name}: marker area = training time", fontsize="small")
+        if index == 0:
+            ax.legend(fontsize="x-small")
+    print(f"\nplot: {save(figure, RESULTS / f'frontier_{name}.png')}")
+
+
+def main() -> None:
+    quiet_lightning()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", choices=("cifar10", "fashion_mnist"), default="cifar10")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--train", type=int, default=5000, help="training images")
+    parser.add_argument("--eval", type=int, default=500, help="test images attacked")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="methods to run (default: all)")
+    parser.add_argument("--report", action="store_true", help="only print the report of the finished runs")
+    args = parser.parse_args()
+    path = RESULTS / f"frontier_{args.data}.jsonl"
+    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    print(f"machine: {machine()}")
+    print(f"{args.data}: SmallCNN, {args.train} training images, {args.epochs} epochs, Adam 3e-3, batch 128; attacks on "
+          f"{args.eval} test images, clean accuracy on the whole test split\n")
+    if not args.report:
+        data = data_module(args.data, args.train)
+        data.setup()
+        finished = {(r["method"], r["setting"], r["seed"]) for r in done}
+        for seed in range(args.seeds):
+            for method, settings in SETTINGS.items():
+                if args.only and method not in args.only:
+                    continue
+                for setting in settings:
+                    if (method, setting, seed) in finished:
+                        continue
+                    row = {"method": method, "setting": setting, "seed": seed, "epochs": args.epochs,
+                           "train": args.train, **run(data, method, setting, seed, args.epochs, args.eval)}
+                    with path.open("a") as out:
+                        out.write(json.dumps(row) + "\n")
+                    done.append(row)
+                    print(f"{method} {setting} seed {seed}: clean {row['clean']:.3f}, L2 {row['pgd_l2']:.3f}, "
+                          f"L-inf {row['pgd_linf']:.3f}, {row['train_s']:.0f} s", flush=True)
+    report(done, args.data)
+
+
+if __name__ == "__main__":
+    main()
