@@ -30,7 +30,8 @@ def _compose(name, overrides):
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
 def test_every_model_config_builds_a_pixel_space_classifier(model):
-    size = 224 if model in ("vgg16", "resnet18", "resnet34", "densenet121", "vit_b_16") else 32
+    size = {"vgg16": 224, "resnet18": 224, "resnet34": 224, "densenet121": 224, "vit_b_16": 224,
+            "small_vit": 28}.get(model, 32)  # small_vit: 28 px (Fashion-MNIST, MedMNIST) in 7 px patches
     cfg = _compose("train", [f"model={model}", "data=cifar10_npz"])
     torch.manual_seed(0)
     net = instantiate(cfg.model).eval()
