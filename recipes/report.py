@@ -63,13 +63,17 @@ def score_files(folders: list[Path]) -> list[Path]:
 
 
 def unsupported(table: statistics.Table, columns: dict[str, str]) -> list[str]:
-    """Lines naming the runs that lack a column, and what the report cannot say for them."""
+    """Lines naming the runs (and stages) with no value of a column at all, and what the report cannot say
+    for them (a stage scored without attacks, e.g. `evaluate.at_init_attacks=false`)."""
     lines = []
+    stages = list(zip(table["run"], table["stage"]))
     for column, what in columns.items():
-        present = table[column] if column in table else np.full(len(table["run"]), np.nan)
-        lacking = sorted({run for run, value in zip(table["run"], present) if not np.isfinite(float(value))})
+        present = table[column] if column in table else np.full(len(stages), np.nan)
+        finite = {key for key, value in zip(stages, present) if np.isfinite(float(value))}
+        lacking = sorted(set(stages) - finite)
         if lacking:
-            lines.append(f"- no `{column}` in {len(lacking)} run(s) ({', '.join(lacking[:5])}"
+            names = [f"{run_label(Path(run))} [{stage}]" for run, stage in lacking[:5]]
+            lines.append(f"- no `{column}` in {len(lacking)} run(s) ({', '.join(names)}"
                          f"{', ...' if len(lacking) > 5 else ''}): {what} leave them out")
     return lines
 
