@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from recipes import statistics, theory
 from fim_lightning.figures import overlay_curves, save
 from recipes.common import CONFIG_DIR, machine
+from recipes.evaluate import load_net
 from recipes.scoring import valid_shards
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,12 @@ def theory_runs(table: statistics.Table) -> dict[str, Path]:
 def theory_checks(folder: Path, images: int) -> theory.TheoryChecks:
     """`recipes.theory` on the first `images` samples of the evaluated split of the fim-train run in `folder`."""
     trained = OmegaConf.load(folder / ".hydra" / "config.yaml")
-    net = instantiate(trained.model)
-    state = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+    model = OmegaConf.to_container(trained.model, resolve=True)  # its ${data.*} keys resolve in the run's config
+    net = load_net(OmegaConf.create({"model": model, "ckpt_path": str(folder / "checkpoints" / "last.ckpt")}))
     datamodule = instantiate(trained.data)
     datamodule.setup("test")
     dataset = datamodule.splits[trained.evaluate.split]
-    return theory.theory_checks(net.eval(), torch.stack([dataset[i][0] for i in range(images)]))
+    return theory.theory_checks(net, torch.stack([dataset[i][0] for i in range(images)]))
 
 
 def theory_section(table: statistics.Table, images: int, out: Path) -> list[str]:
@@ -129,6 +129,41 @@ def theory_section(table: statistics.Table, images: int, out: Path) -> list[str]
             statistics.markdown(rows, list(rows[0])), ""]
 
 
+SUMMARY_RANKS = ("radius", "fisher_step", "linear_step", "lambda_max", "grad_norm", "clever")
+SUMMARY_DISTANCES = ("linear_step", "fisher_step")
+
+
+def summary_section(summaries: list[dict], samples: list[dict], agreement: list[dict], target: str) -> list[str]:
+    """The headline tables of the trained models: accuracy, per-sample Spearman of each score with `target`, and
+    whether the distance estimates' values mean a distance (from the sections below)."""
+    keys = list(dict.fromkeys((r["model"], r["regularizer"]) for r in summaries if r["stage"] == "trained"))
+    if not keys or not samples:
+        return []
+    rows = []
+    for model, regularizer in keys:
+        runs = [r for r in summaries if (r["model"], r["regularizer"], r["stage"]) == (model, regularizer, "trained")]
+        row = {"model": model, "regularizer": regularizer, "seeds": len(runs)}
+        for name in ("clean accuracy", "PGD L2 accuracy"):
+            row[name] = float(np.mean([r.get(name, np.nan) for r in runs]))
+        chosen = lambda rows_, score: [r for r in rows_ if (r["model"], r["regularizer"], r["stage"], r["score"])  # noqa: E731
+                                       == (model, regularizer, "trained", score)]
+        for score in SUMMARY_RANKS:
+            found = chosen(samples, score)
+            row[f"rho {score}"] = found[0]["spearman"][0] if found else np.nan
+        for score in SUMMARY_DISTANCES:
+            found = chosen(agreement, score)
+            if found:
+                row[f"{score}: median ratio"] = found[0]["median measured / predicted"][0]
+                row[f"{score}: within 1.5x"] = found[0]["share within 1.5x"][0]
+        rows.append(row)
+    return ["## Summary: the trained models\n",
+            f"Seed means of: clean and PGD L2 accuracy; rho = per-sample Spearman of each score with `{target}` "
+            "(correct samples; intervals in the sections below); for the two distance estimates, the median of "
+            "measured / predicted and the share of samples within a factor 1.5 (a distance that means what it "
+            "says: median in [0.8, 1.25], at least 80% within 1.5x).\n",
+            statistics.markdown(rows, list(dict.fromkeys(name for row in rows for name in row))), ""]
+
+
 def build_report(cfg: DictConfig) -> str:
     files = score_files(run_folders(cfg.runs))
     table = statistics.read_table(files)
@@ -143,6 +178,7 @@ def build_report(cfg: DictConfig) -> str:
     if gaps:
         lines += ["## What these runs cannot support\n", *gaps, ""]
 
+    samples, agreement = [], []
     if cfg.target in table:
         samples = statistics.sample_correlations(table, cfg.scores, cfg.target, GROUP, cfg.draws)
         lines += [f"## Per sample: correlation with `{cfg.target}`\n",
@@ -159,6 +195,7 @@ def build_report(cfg: DictConfig) -> str:
                       statistics.markdown(agreement, [*GROUP, "score", "samples", *statistics.AGREEMENT]), ""]
 
     summaries = statistics.model_summaries(table, GROUP)
+    lines[2:2] = summary_section(summaries, samples, agreement, cfg.target)
     summary_names = list(dict.fromkeys(name for row in summaries for name in row))
     statistics.write_table({name: np.array([row.get(name, np.nan) for row in summaries]) for name in summary_names},
                        out / "models.csv")

@@ -106,6 +106,9 @@ def test_sweep_evaluate_and_report_end_to_end(tmp_path):
         finite = pick & np.isfinite(everything["min_perturbation"]) & np.isfinite(everything["radius"])
         per_seed_ratio.append(np.median(everything["min_perturbation"][finite] / everything["radius"][finite]))
     assert spearman == pytest.approx(np.mean(per_seed), abs=5e-4)
+    summary = [line.split("|") for line in printed.split("## Summary: the trained models")[1].split("\n## ")[0]
+               .splitlines() if line.startswith("| small_cnn | fisher_kl |")]
+    assert len(summary) == 1 and float(summary[0][6]) == pytest.approx(spearman, abs=5e-4)  # rho radius
     assert float(ratio[0].split("|")[6].split()[0]) == pytest.approx(np.mean(per_seed_ratio), abs=5e-4)
     for plot in ("scatter_radius.png", "ranking.png", "fim_curves.png"):
         assert (out / plot).stat().st_size > 5000
