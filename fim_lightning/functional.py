@@ -147,10 +147,19 @@ def _margin_over_sqrt(op: FisherOperator, eigenvalue: Tensor) -> Tensor:
 
 
 def _fisher_step(op: FisherOperator, eigenvalue: Tensor) -> Tensor:
-    """margin sqrt(p1 p2 / ((p1 + p2) lambda_max)) per sample (`fisher_step`)."""
+    """margin sqrt(p1 p2 / ((p1 + p2) lambda_max)) per sample (`fisher_step`): the radius times
+    sqrt(p1 p2 / (p1 + p2))."""
     top2 = op.log_probs.topk(2, dim=1).values.to(eigenvalue.dtype)
-    pair_weight = (top2.sum(1) - top2.logsumexp(1)).exp()
-    return (top2[:, 0] - top2[:, 1]) * (pair_weight / eigenvalue).sqrt()
+    return _margin_over_sqrt(op, eigenvalue) * (top2.sum(1) - top2.logsumexp(1)).mul(0.5).exp()
+
+
+def _top_eigenvalue_score(score: Callable[[FisherOperator, Tensor], Tensor], model: Callable, inputs: Tensor,
+                          method: SpectralMethod, output: OutputKind, mode: Optional[Mode],
+                          model_dtype: Optional[torch.dtype], dtype: torch.dtype, options: dict) -> Tensor:
+    """`score(op, lambda_max)` on the operator of `model` at `inputs` (the radius, the Fisher step)."""
+    algorithm = select_algorithm(METHODS, method, options)
+    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
+        return score(op, algorithm(op, dtype=dtype, **options).eigenvalue)
 
 
 def fisher_step(
@@ -183,9 +192,7 @@ def fisher_step(
         >>> fl.fisher_step(net, torch.tensor([[0.3, 5.0]]))
         tensor([0.3000], dtype=torch.float64)
     """
-    algorithm = select_algorithm(METHODS, method, options)
-    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
-        return _fisher_step(op, algorithm(op, dtype=dtype, **options).eigenvalue)
+    return _top_eigenvalue_score(_fisher_step, model, inputs, method, output, mode, model_dtype, dtype, options)
 
 
 def _margin_gradient_norm(op: FisherOperator) -> Tensor:
@@ -215,11 +222,10 @@ def fisher_robustness_radius(
     their distance to the decision boundary, but it is not that distance: in the two-class limit
     F = p1 p2 g g^T (g = grad_x (z1 - z2)), so r = margin / (sqrt(p1 p2) |g|), the linear step margin / |g|
     divided by sqrt(p1 p2) <= 1/2: at least twice the linear estimate of the distance. For a distance in
-    input units use the linear step `FisherScores.margin / FisherScores.margin_gradient_norm`.
+    input units use `fisher_step` or the linear step `FisherScores.margin / FisherScores.margin_gradient_norm`.
     """
-    algorithm = select_algorithm(METHODS, method, options)
-    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
-        return _margin_over_sqrt(op, algorithm(op, dtype=dtype, **options).eigenvalue)
+    return _top_eigenvalue_score(_margin_over_sqrt, model, inputs, method, output, mode, model_dtype, dtype,
+                                 options)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from recipes import statistics, theory
 from fim_lightning.figures import overlay_curves, save
 from recipes.common import CONFIG_DIR, machine
-from recipes.evaluate import load_net
+from recipes.evaluate import from_run_dir, load_net
 from recipes.scoring import valid_shards
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,11 @@ def theory_runs(table: statistics.Table) -> dict[str, Path]:
 
 def theory_checks(folder: Path, images: int) -> theory.TheoryChecks:
     """`recipes.theory` on the first `images` samples of the evaluated split of the fim-train run in `folder`."""
-    trained = OmegaConf.load(folder / ".hydra" / "config.yaml")
-    model = OmegaConf.to_container(trained.model, resolve=True)  # its ${data.*} keys resolve in the run's config
-    net = load_net(OmegaConf.create({"model": model, "ckpt_path": str(folder / "checkpoints" / "last.ckpt")}))
-    datamodule = instantiate(trained.data)
+    run = from_run_dir(OmegaConf.create({"run_dir": str(folder), "ckpt_path": None}))  # as fim-evaluate loads it
+    datamodule = instantiate(run.data)
     datamodule.setup("test")
-    dataset = datamodule.splits[trained.evaluate.split]
-    return theory.theory_checks(net, torch.stack([dataset[i][0] for i in range(images)]))
+    dataset = datamodule.splits[OmegaConf.load(folder / ".hydra" / "config.yaml").evaluate.split]
+    return theory.theory_checks(load_net(run), torch.stack([dataset[i][0] for i in range(images)]))
 
 
 def theory_section(table: statistics.Table, images: int, out: Path) -> list[str]:
@@ -109,9 +107,10 @@ def theory_section(table: statistics.Table, images: int, out: Path) -> list[str]
     rows = []
     for label, check in checks.items():
         row = {"run": label, "images": len(check.kl_top)}
-        for entry in theory.covariance_rows(check):
+        entries = theory.covariance_rows(check)
+        for entry in entries:
             row[f"error x sqrt(N), N=1e{round(np.log10(entry['labels drawn N']))}"] = entry["median error x sqrt(N)"]
-        row["error at the largest N"] = theory.covariance_rows(check)[-1]["median error"]
+        row["error at the largest N"] = entries[-1]["median error"]
         row["t leaving [0.9, 1.1]: top eigenvector"] = theory.first_departure(np.median(check.kl_top, 0))
         row["random direction"] = theory.first_departure(np.median(check.kl_random, 0))
         rows.append(row)
@@ -139,22 +138,24 @@ def summary_section(summaries: list[dict], samples: list[dict], agreement: list[
     keys = list(dict.fromkeys((r["model"], r["regularizer"]) for r in summaries if r["stage"] == "trained"))
     if not keys or not samples:
         return []
+    def by_score(found: list[dict]) -> dict[tuple, dict]:
+        return {(r["model"], r["regularizer"], r["stage"], r["score"]): r for r in found}
+
+    ranks, values = by_score(samples), by_score(agreement)
     rows = []
     for model, regularizer in keys:
         runs = [r for r in summaries if (r["model"], r["regularizer"], r["stage"]) == (model, regularizer, "trained")]
         row = {"model": model, "regularizer": regularizer, "seeds": len(runs)}
         for name in ("clean accuracy", "PGD L2 accuracy"):
             row[name] = float(np.mean([r.get(name, np.nan) for r in runs]))
-        chosen = lambda rows_, score: [r for r in rows_ if (r["model"], r["regularizer"], r["stage"], r["score"])  # noqa: E731
-                                       == (model, regularizer, "trained", score)]
         for score in SUMMARY_RANKS:
-            found = chosen(samples, score)
-            row[f"rho {score}"] = found[0]["spearman"][0] if found else np.nan
+            found = ranks.get((model, regularizer, "trained", score))
+            row[f"rho {score}"] = found["spearman"][0] if found else np.nan
         for score in SUMMARY_DISTANCES:
-            found = chosen(agreement, score)
+            found = values.get((model, regularizer, "trained", score))
             if found:
-                row[f"{score}: median ratio"] = found[0]["median measured / predicted"][0]
-                row[f"{score}: within 1.5x"] = found[0]["share within 1.5x"][0]
+                row[f"{score}: median ratio"] = found["median measured / predicted"][0]
+                row[f"{score}: within 1.5x"] = found["share within 1.5x"][0]
         rows.append(row)
     return ["## Summary: the trained models\n",
             f"Seed means of: clean and PGD L2 accuracy; rho = per-sample Spearman of each score with `{target}` "

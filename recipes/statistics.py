@@ -160,16 +160,22 @@ def sample_correlations(table: Table, scores: Sequence[str] = SCORES, target: st
     return rows
 
 
-def _median_ratio(predicted: np.ndarray, measured: np.ndarray) -> float:
+def _ratios(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """measured / predicted where both are finite and the prediction is positive."""
     keep = np.isfinite(predicted) & np.isfinite(measured) & (predicted > 0)
-    return float(np.median(measured[keep] / predicted[keep])) if keep.any() else float("nan")
+    return measured[keep] / predicted[keep]
+
+
+def _median_ratio(predicted: np.ndarray, measured: np.ndarray) -> float:
+    ratios = _ratios(predicted, measured)
+    return float(np.median(ratios)) if len(ratios) else float("nan")
 
 
 def _within(factor: float) -> Callable[[np.ndarray, np.ndarray], float]:
     def share(predicted: np.ndarray, measured: np.ndarray) -> float:
-        keep = np.isfinite(predicted) & np.isfinite(measured) & (predicted > 0) & (measured > 0)
-        return float(np.mean(np.abs(np.log(measured[keep] / predicted[keep])) <= np.log(factor))) if keep.any() \
-            else float("nan")
+        ratios = _ratios(predicted, measured)
+        ratios = ratios[ratios > 0]
+        return float(np.mean(np.abs(np.log(ratios)) <= np.log(factor))) if len(ratios) else float("nan")
     return share
 
 
