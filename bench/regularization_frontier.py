@@ -146,23 +146,24 @@ def matched(summary: dict) -> tuple[tuple[str, str], list[tuple[str, tuple[str, 
 
 
 def report(rows: list[dict], name: str, evaluated: int) -> str:
-    """The table, the matched comparison with the target's verdict, and the Pareto figure of the finished runs;
-    written to `frontier_<name>.md` and returned."""
+    """The table, the matched comparison with the target's verdict, and the Pareto figure of the finished runs
+    (all of one training size); written to `frontier_<name>.md` and returned."""
     summary = summarise(rows)
     cost = method_times(rows)
     machines = sorted({row.get("machine", "not recorded") for row in rows})
-    sizes = sorted({(row["train"], row["epochs"]) for row in rows})
-    lines = [f"{name}: SmallCNN, " + ", ".join(f"{train} training images and {epochs} epochs"
-                                               for train, epochs in sizes) + f", Adam 3e-3, batch 128; attacks on {evaluated} test images, clean accuracy on the whole test split",
+    lines = [f"{name}: SmallCNN, {rows[0]['train']} training images, {rows[0]['epochs']} epochs, Adam 3e-3, batch 128; "
+             f"attacks on {evaluated} test images, clean accuracy on the whole test split",
              "", "rows trained on: " + "; ".join(machines), "",
              "| method | setting | seeds | clean acc | PGD L2 0.5 acc | PGD L-inf 8/255 acc | "
              "median min perturbation (L2) | train time (s) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for (method, setting), s in summary.items():
         cells = " | ".join(f"{s[m][0]:.0f}" if m == "train_s" else cell(s[m], s["seeds"]) for m in METRICS)
         lines.append(f"| {method} | {setting} | {s['seeds']} | {cells} |")
+    floor = None
     if any(k[0] == "TRADES" for k in summary):
         reference, chosen = matched(summary)
         r = summary[reference]
+        floor = r["clean"][0] - 0.02
         lines += ["", f"Matched to TRADES {reference[1]} (its most robust setting: clean {r['clean'][0]:.3f}, PGD L2 "
                   f"{r['pgd_l2'][0]:.3f}): each method's most robust setting with clean accuracy at most 2 points "
                   "below. Time: each method's mean training time over all its runs (the strength does not change "
@@ -184,16 +185,16 @@ def report(rows: list[dict], name: str, evaluated: int) -> str:
                          f"{s['median_min_perturbation'][0] / r['median_min_perturbation'][0]:.2f} | "
                          f"{cell(cost[method][:2], cost[method][2], 0)} ({cost[method][2]} runs) | "
                          f"{time_ratio:.2f} | {verdict} |")
-    lines += ["", f"plot: {save(pareto_figure(summary, name), RESULTS / f'frontier_{name}.png')}"]
+    plot = save(pareto_figure(summary, name, floor), RESULTS / f"frontier_{name}.png")
+    lines += ["", f"plot: {plot.relative_to(RESULTS.parents[1])}"]
     text = "\n".join(lines)
     (RESULTS / f"frontier_{name}.md").write_text(text + "\n")
     return text
 
 
-def pareto_figure(summary: dict, name: str):
+def pareto_figure(summary: dict, name: str, floor: float | None):
     """Clean accuracy against PGD L2 and L-inf accuracy per setting, error bars = 95% intervals over seeds,
-    marker area = training time; the dotted line is the matched comparison's clean-accuracy floor."""
-    floor = summary[matched(summary)[0]]["clean"][0] - 0.02 if any(k[0] == "TRADES" for k in summary) else None
+    marker area = training time; the dotted line is the matched comparison's clean-accuracy `floor`."""
     figure = new_figure(11.0, 5.0)
     longest = max(s["train_s"][0] for s in summary.values())
     for index, (metric, label) in enumerate((("pgd_l2", "PGD L2 0.5 accuracy"), ("pgd_linf", "PGD L-inf 8/255 accuracy"))):
