@@ -20,17 +20,26 @@ class ImageClassifier(pl.LightningModule):
         num_classes: number of classes (for the accuracy metric).
         optimizer: a partial optimizer, e.g. `functools.partial(torch.optim.SGD, lr=0.05)`
             (Hydra: `_partial_: true`); default Adam(lr=1e-3).
+        scheduler: a partial learning-rate scheduler called with the optimizer and stepped once per epoch,
+            e.g. `functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=max_epochs)`; default
+            none (constant rate). With BatchNorm a rate that ends high leaves the running statistics behind
+            the weights, so the eval-mode model can score far below the train-mode one; a decay to zero
+            avoids it.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int, optimizer: Optional[Callable] = None) -> None:
+    def __init__(self, net: nn.Module, num_classes: int, optimizer: Optional[Callable] = None,
+                 scheduler: Optional[Callable] = None) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
         check_int("num_classes", num_classes, 2)
         if optimizer is not None and not callable(optimizer):
             raise TypeError(f"optimizer must be a callable (a partial optimizer) or None, got {optimizer!r}")
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError(f"scheduler must be a callable (a partial LR scheduler) or None, got {scheduler!r}")
         self.net = net
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.train_accuracy = MulticlassAccuracy(num_classes)
         self.val_accuracy = MulticlassAccuracy(num_classes)
         self.test_accuracy = MulticlassAccuracy(num_classes)
@@ -57,9 +66,11 @@ class ImageClassifier(pl.LightningModule):
         self._step(batch, "test", self.test_accuracy)
 
     def configure_optimizers(self):
-        if self.optimizer_factory is None:
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-        return self.optimizer_factory(self.parameters())
+        optimizer = (torch.optim.Adam(self.parameters(), lr=1e-3) if self.optimizer_factory is None
+                     else self.optimizer_factory(self.parameters()))
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
 
 class FisherRegularizedClassifier(ImageClassifier):
@@ -76,8 +87,9 @@ class FisherRegularizedClassifier(ImageClassifier):
     """
 
     def __init__(self, net: nn.Module, num_classes: int, penalty: Optional[nn.Module] = None,
-                 adversarial: Optional[nn.Module] = None, optimizer: Optional[Callable] = None) -> None:
-        super().__init__(net, num_classes, optimizer)
+                 adversarial: Optional[nn.Module] = None, optimizer: Optional[Callable] = None,
+                 scheduler: Optional[Callable] = None) -> None:
+        super().__init__(net, num_classes, optimizer, scheduler)
         for name, value in (("penalty", penalty), ("adversarial", adversarial)):
             if value is not None and not isinstance(value, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module (a penalty or attack) or None, got {type(value).__name__}")

@@ -241,6 +241,7 @@ def test_blackbox_refuses_differences_at_the_rounding_level():
     (lambda: fl.FisherSpectralNorm(output="prob"), ValueError, "output must be one of"),
     (lambda: FisherRegularizedClassifier(make_mlp(), 1), ValueError, "num_classes must be >= 2"),
     (lambda: FisherRegularizedClassifier(make_mlp(), 5, penalty="kl"), TypeError, "penalty must be an nn.Module"),
+    (lambda: FisherRegularizedClassifier(make_mlp(), 5, scheduler="cosine"), TypeError, "scheduler must be a callable"),
     (lambda: fl.FisherRobustnessCallback(log_figures="no"), MisconfigurationException, "log_figures must be True"),
     (lambda: fl.FisherRobustnessCallback(num_eigenvectors=-1), MisconfigurationException, "num_eigenvectors must be"),
     (lambda: fl.FisherRobustnessCallback(prefix=""), MisconfigurationException, "prefix must be a non-empty string"),

@@ -1,5 +1,7 @@
 """Fisher penalties: values and gradients against references, BatchNorm/dropout safety, schedules, errors."""
 import copy
+import math
+from functools import partial
 
 import pytest
 import pytorch_lightning as pl
@@ -148,6 +150,25 @@ def test_regularized_classifier_lowers_the_fisher_spectral_norm(tmp_path):
     _, regularized = _fit_regularized(tmp_path / "reg", fl.FisherSpectralPenalty(weight=20.0))
     assert "train/fisher_penalty" in regularized.callback_metrics
     assert regularized.callback_metrics["fim/spectral_norm/mean"] < 0.7 * plain.callback_metrics["fim/spectral_norm/mean"]
+
+
+def test_scheduler_is_stepped_once_per_epoch(tmp_path):
+    """A partial scheduler gets the module's optimizer and is stepped per epoch: cosine over 4 epochs ends at
+    lr * (1 + cos(pi * 3 / 4)) / 2 in the last epoch and leaves lr * (1 + cos(pi)) / 2 = 0 after it."""
+    seen = []
+
+    class Rates(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    pl.seed_everything(0, workers=True)
+    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    module = FisherRegularizedClassifier(net, num_classes=4, optimizer=partial(torch.optim.SGD, lr=0.1),
+                                         scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=4))
+    run = trainer(tmp_path, [Rates()], max_epochs=4)
+    run.fit(module, torch.utils.data.DataLoader(blobs(), batch_size=16))
+    assert seen == pytest.approx([0.1 * (1 + math.cos(math.pi * epoch / 4)) / 2 for epoch in range(4)])
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 2}])
