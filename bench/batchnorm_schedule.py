@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,13 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, quiet_lightning  # noqa: E402
-from bench.regularization_frontier import data_module  # noqa: E402
+from bench.regularization_frontier import OPTIMIZER, cosine, data_module, plain_trainer  # noqa: E402
 from fim_lightning.module import ImageClassifier  # noqa: E402
 from recipes.models import SmallCNN  # noqa: E402
 
 # name -> the module's `scheduler` for a run of `epochs` epochs
-SCHEDULES = {"constant": lambda epochs: None,
-             "cosine": lambda epochs: partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs)}
+SCHEDULES = {"constant": lambda epochs: None, "cosine": cosine}
 
 
 def accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_statistics: bool) -> float:
@@ -66,11 +64,8 @@ def main() -> None:
     for name, schedule in SCHEDULES.items():
         pl.seed_everything(0, workers=True)
         probe = EpochAccuracies(images, labels)
-        module = ImageClassifier(SmallCNN(data.in_channels, 10), 10, optimizer=partial(torch.optim.Adam, lr=3e-3),
-                                 scheduler=schedule(args.epochs))
-        pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                   limit_val_batches=0, deterministic=True, callbacks=[probe]).fit(module, datamodule=data)
+        module = ImageClassifier(SmallCNN(data.in_channels, 10), 10, optimizer=OPTIMIZER, scheduler=schedule(args.epochs))
+        plain_trainer(args.epochs, (probe,)).fit(module, datamodule=data)
         columns[name] = probe.rows
     print(f"machine: {machine()}")
     print(f"{args.data}: test accuracy ({len(labels)} images) after each epoch, eval mode / batch statistics\n")

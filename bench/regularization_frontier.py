@@ -4,7 +4,8 @@ Every method gets the same 3-point search of its strength (the Fisher penalties'
 PGD-AT's training eps with 10 steps and with 2 steps) and every setting trains `--seeds` seeds of the recipes'
 SmallCNN for `--epochs` epochs on an offline data set (`--train` images), Adam 3e-3 with a cosine decay
 stepped per epoch (the last epoch at 4% of the rate; at a constant rate BatchNorm's running statistics trail
-the weights: the eval-mode Fashion-MNIST model swung between 57% and 78% from one epoch to the next).
+the weights: the eval-mode Fashion-MNIST model swung between 51% and 76% from one epoch to the next,
+`bench/batchnorm_schedule.py`).
 Per run: clean test accuracy, PGD L-inf 8/255 and L2 0.5 robust accuracy (ART, 20 steps, one random start)
 and the median minimal L2 perturbation (DeepFool + PGD bisection) on the first `--eval` test images, and the
 training wall time. Runs append to
@@ -73,17 +74,29 @@ SETTINGS = {
 }
 
 
+OPTIMIZER = partial(torch.optim.Adam, lr=3e-3)
+
+
+def cosine(epochs: int) -> partial:
+    """The frontier's learning-rate schedule: a cosine over `epochs`, stepped per epoch."""
+    return partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs)
+
+
+def plain_trainer(epochs: int, callbacks: tuple[pl.Callback, ...] = ()) -> pl.Trainer:
+    """The frontier's Trainer: CPU, `epochs` epochs, no logger, checkpoints or validation, deterministic."""
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, deterministic=True, callbacks=list(callbacks))
+
+
 def run(data: pl.LightningDataModule, method: str, setting: str, seed: int, epochs: int, evaluated: int) -> dict:
     """Train one setting with one seed; its clean / robust accuracies, median minimal perturbation, time."""
     pl.seed_everything(seed, workers=True)
     channels = data.in_channels
     options = {name: make() for name, make in SETTINGS[method][setting].items()}
-    module = FisherRegularizedClassifier(SmallCNN(channels, 10), 10, optimizer=partial(torch.optim.Adam, lr=3e-3),
-                                         scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs),
+    module = FisherRegularizedClassifier(SmallCNN(channels, 10), 10, optimizer=OPTIMIZER, scheduler=cosine(epochs),
                                          **options)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, deterministic=True)
+    trainer = plain_trainer(epochs)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
@@ -132,8 +145,9 @@ def method_times(rows: list[dict]) -> dict[str, tuple[float, float, int]]:
     return {method: (*interval(values), len(values)) for method, values in times.items()}
 
 
-def cell(value: tuple[float, float], seeds: int, digits: int = 3) -> str:
-    return f"{value[0]:.{digits}f}" + (f" ± {value[1]:.{digits}f}" if seeds > 1 else "")
+def cell(value: tuple[float, float], seeds: int, digits: int = 3, sign: str = "") -> str:
+    """A mean, with its interval half-width from 2 seeds on; `sign="+"` prints the mean's sign."""
+    return f"{value[0]:{sign}.{digits}f}" + (f" ± {value[1]:.{digits}f}" if seeds > 1 else "")
 
 
 def paired_difference(rows: list[dict], key: tuple[str, str], reference: tuple[str, str], metric: str
@@ -196,7 +210,7 @@ def report(rows: list[dict], name: str, evaluated: int) -> str:
             time_ratio = cost[method][0] / cost["TRADES"][0]
             clean, l2, linf = (paired_difference(rows, key, reference, m) for m in ("clean", "pgd_l2", "pgd_linf"))
             verdict = ("met" if l2[0][0] >= 0 and time_ratio <= TARGET_TIME else "missed") if method in FISHER else "-"
-            differences = " | ".join(f"{d[0][0]:+.3f}" + (f" ± {d[0][1]:.3f}" if d[1] > 1 else "") for d in (clean, l2, linf))
+            differences = " | ".join(cell(*difference, sign="+") for difference in (clean, l2, linf))
             lines.append(f"| {method} | {key[1]} | {differences} | "
                          f"{s['median_min_perturbation'][0] / r['median_min_perturbation'][0]:.2f} | "
                          f"{cell(cost[method][:2], cost[method][2], 0)} ({cost[method][2]} runs) | "
