@@ -1,7 +1,7 @@
 """Time per training step with each Fisher penalty (and the adversarial peers) relative to plain
 cross-entropy, in one run on the same model and batch.
 
-    python bench/penalty_cost.py [--batch 128] [--steps 10]
+    python bench/penalty_cost.py [--batch 128] [--steps 10] [--device cuda]
 """
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def step_time(net: nn.Module, x, y, penalty=None, adversarial=None, steps: int =
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -53,8 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: model and batch live there")
     args = parser.parse_args()
-    x, y = cifar_images("train", args.batch)
+    x, y = (t.to(args.device) for t in cifar_images("train", args.batch))
     print(f"machine: {machine()}")
     print(f"SmallCNN (widths 32-64-128, BatchNorm, train mode), batch {args.batch} CIFAR-10 images; "
           f"median of {args.steps} steps\n")
@@ -62,7 +65,7 @@ def main() -> None:
     base = None
     for label, options in VARIANTS.items():
         torch.manual_seed(0)
-        net = SmallCNN(3, 10).train()
+        net = SmallCNN(3, 10).to(args.device).train()
         seconds = step_time(net, x, y, steps=args.steps, **options)
         base = base or seconds
         print(f"| {label} | {seconds:.3f} | {seconds / base:.2f} |")

@@ -82,26 +82,34 @@ def cosine(epochs: int) -> partial:
     return partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs)
 
 
-def plain_trainer(epochs: int, callbacks: tuple[pl.Callback, ...] = ()) -> pl.Trainer:
-    """The frontier's Trainer: CPU, `epochs` epochs, no logger, checkpoints or validation, deterministic."""
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+def plain_trainer(epochs: int, callbacks: tuple[pl.Callback, ...] = (), accelerator: str = "cpu") -> pl.Trainer:
+    """The frontier's Trainer: one device, `epochs` epochs, no logger, checkpoints or validation, deterministic
+    algorithms (on a GPU only a warning where an op has none: adaptive pooling's backward)."""
+    return pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, deterministic=True, callbacks=list(callbacks))
+                      limit_val_batches=0, deterministic=True if accelerator == "cpu" else "warn",
+                      callbacks=list(callbacks))
 
 
-def run(data: pl.LightningDataModule, method: str, setting: str, seed: int, epochs: int, evaluated: int) -> dict:
-    """Train one setting with one seed; its clean / robust accuracies, median minimal perturbation, time."""
+def run(data: pl.LightningDataModule, method: str, setting: str, seed: int, epochs: int, evaluated: int,
+        accelerator: str = "cpu") -> dict:
+    """Train one setting with one seed on `accelerator`; its clean / robust accuracies, median minimal
+    perturbation (attacked on the same device), training time."""
     pl.seed_everything(seed, workers=True)
     channels = data.in_channels
     options = {name: make() for name, make in SETTINGS[method][setting].items()}
     module = FisherRegularizedClassifier(SmallCNN(channels, 10), 10, optimizer=OPTIMIZER, scheduler=cosine(epochs),
                                          **options)
-    trainer = plain_trainer(epochs)
+    trainer = plain_trainer(epochs, accelerator=accelerator)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    net = module.net.eval()
-    images, labels = (torch.stack(part) for part in zip(*(data.splits["test"][i] for i in range(len(data.splits["test"])))))
+    net = module.net.to(device).eval()
+    images, labels = (torch.stack(part).to(device) for part in
+                      zip(*(data.splits["test"][i] for i in range(len(data.splits["test"])))))
     with torch.no_grad():
         clean = (torch.cat([net(b).argmax(1) for b in images.split(256)]) == labels).float().mean().item()
     x, y = images[:evaluated], labels[:evaluated]
@@ -173,9 +181,9 @@ def matched(summary: dict) -> tuple[tuple[str, str], list[tuple[str, tuple[str, 
     return reference, chosen
 
 
-def report(rows: list[dict], name: str, evaluated: int) -> str:
+def report(rows: list[dict], name: str, evaluated: int, stem: Path) -> str:
     """The table, the matched comparison with the target's verdict, and the Pareto figure of the finished runs
-    (all of one training size); written to `frontier_<name>.md` and returned."""
+    (all of one training size); written to `<stem>.md` and `<stem>.png`, and returned."""
     summary = summarise(rows)
     cost = method_times(rows)
     machines = sorted({row.get("machine", "not recorded") for row in rows})
@@ -215,10 +223,11 @@ def report(rows: list[dict], name: str, evaluated: int) -> str:
                          f"{s['median_min_perturbation'][0] / r['median_min_perturbation'][0]:.2f} | "
                          f"{cell(cost[method][:2], cost[method][2], 0)} ({cost[method][2]} runs) | "
                          f"{time_ratio:.2f} | {verdict} |")
-    plot = save(pareto_figure(summary, name, floor), RESULTS / f"frontier_{name}.png")
-    lines += ["", f"plot: {plot.relative_to(RESULTS.parents[1])}"]
+    plot = save(pareto_figure(summary, name, floor), stem.with_suffix(".png"))
+    root = RESULTS.parents[1]
+    lines += ["", f"plot: {plot.relative_to(root) if plot.is_relative_to(root) else plot}"]
     text = "\n".join(lines)
-    (RESULTS / f"frontier_{name}.md").write_text(text + "\n")
+    stem.with_suffix(".md").write_text(text + "\n")
     return text
 
 
@@ -261,9 +270,15 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=500, help="test images attacked")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="methods to run (default: all)")
+    parser.add_argument("--only-seed", type=int, help="run this seed alone (default: seeds 0 to --seeds - 1)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
+                        help="train and attack on this device; GPU rows go to frontier_<data>_gpu.*")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the rows, table and figure")
     parser.add_argument("--report", action="store_true", help="only print the report of the finished runs")
     args = parser.parse_args()
-    path = RESULTS / f"frontier_{args.data}.jsonl"
+    name = args.data if args.accelerator == "cpu" else f"{args.data}_gpu"
+    stem = args.results / f"frontier_{name}"
+    path = stem.with_suffix(".jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     done = [r for r in rows if (r["train"], r["epochs"]) == (args.train, args.epochs)]  # this size's runs only
     print(f"machine: {machine()}")
@@ -272,7 +287,7 @@ def main() -> None:
         data.prepare_data()  # Fashion-MNIST: unpack Debian's IDX files into torchvision's layout
         data.setup()
         finished = {(r["method"], r["setting"], r["seed"]) for r in done}
-        for seed in range(args.seeds):
+        for seed in range(args.seeds) if args.only_seed is None else (args.only_seed,):
             for method, settings in SETTINGS.items():
                 if args.only and method not in args.only:
                     continue
@@ -281,13 +296,13 @@ def main() -> None:
                         continue
                     row = {"method": method, "setting": setting, "seed": seed, "epochs": args.epochs,
                            "train": args.train, "machine": machine(),
-                           **run(data, method, setting, seed, args.epochs, args.eval)}
+                           **run(data, method, setting, seed, args.epochs, args.eval, args.accelerator)}
                     with path.open("a") as out:
                         out.write(json.dumps(row) + "\n")
                     done.append(row)
                     print(f"{method} {setting} seed {seed}: clean {row['clean']:.3f}, L2 {row['pgd_l2']:.3f}, "
                           f"L-inf {row['pgd_linf']:.3f}, {row['train_s']:.0f} s", flush=True)
-    print(report(done, args.data, args.eval))
+    print(report(done, name, args.eval, stem))
 
 
 if __name__ == "__main__":
