@@ -40,7 +40,10 @@ def main() -> None:
     for name in args.data:  # unpack Fashion-MNIST's IDX files once, before the jobs read them
         data_module(name, 1).prepare_data()
     frontier = [sys.executable, str(HERE / "regularization_frontier.py")]
-    common = ["--seeds", str(args.seeds), "--accelerator", args.accelerator, "--results", str(args.results), *passed]
+    # processes on one GPU, or more processes than cores, share a device: their wall times are no cost
+    sharing = args.processes if args.accelerator == "gpu" or args.processes > (os.cpu_count() or 1) else 1
+    common = ["--seeds", str(args.seeds), "--accelerator", args.accelerator, "--results", str(args.results),
+              "--sharing", str(sharing), *passed]
     jobs = [[*frontier, "--data", name, "--only", method, "--only-seed", str(seed), *common]
             for seed in range(args.seeds) for method in METHODS for name in args.data]
     log = args.results / f"frontier_jobs_{args.accelerator}.log"

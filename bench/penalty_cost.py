@@ -29,6 +29,7 @@ VARIANTS = {
     "FisherSpectralPenalty (exact)": {"penalty": fl.FisherSpectralPenalty(eigenvector="exact")},
     "TRADES (10 steps)": {"penalty": TradesPenalty()},
     "PGD adversarial training (10 steps)": {"adversarial": PGD()},
+    "PGD adversarial training (2 steps of eps / 2)": {"adversarial": PGD(step_size=4 / 255, steps=2)},
 }
 
 

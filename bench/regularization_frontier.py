@@ -186,6 +186,7 @@ def report(rows: list[dict], name: str, evaluated: int, stem: Path) -> str:
     (all of one training size); written to `<stem>.md` and `<stem>.png`, and returned."""
     summary = summarise(rows)
     cost = method_times(rows)
+    sharing = max(row.get("sharing", 1) for row in rows)  # processes that shared one device, at most
     machines = sorted({row.get("machine", "not recorded") for row in rows})
     lines = [f"{name}: SmallCNN, {rows[0]['train']} training images, {rows[0]['epochs']} epochs, Adam 3e-3 with "
              "cosine decay per epoch, batch 128; "
@@ -204,9 +205,14 @@ def report(rows: list[dict], name: str, evaluated: int, stem: Path) -> str:
         lines += ["", f"Matched to TRADES {reference[1]} (its most robust setting: clean {r['clean'][0]:.3f}, PGD L2 "
                   f"{r['pgd_l2'][0]:.3f}): each method's most robust setting with clean accuracy at most 2 points "
                   "below. Differences: mean over seeds of the seed-by-seed difference to TRADES, ± its 95% "
-                  "t-interval. Time: each method's mean training time over all its runs (the strength does not "
-                  f"change the work), against TRADES' {cost['TRADES'][0]:.0f} s. Target: mean PGD L2 - TRADES >= 0 "
-                  f"at time / TRADES <= {TARGET_TIME:.2f}.", "",
+                  "t-interval. " + (
+                      "Time: each method's mean training time over all its runs (the strength does not change the "
+                      f"work), against TRADES' {cost['TRADES'][0]:.0f} s. Target: mean PGD L2 - TRADES >= 0 at "
+                      f"time / TRADES <= {TARGET_TIME:.2f}." if sharing == 1 else
+                      f"Time: up to {sharing} processes shared the device, so a run's wall time measures the "
+                      "others' load, not its cost: no time ratio (the per-step costs are bench/penalty_cost.py's, "
+                      "one process); the target's verdict here is on PGD L2 alone (mean PGD L2 - TRADES >= 0)."),
+                  "",
                   "| method | setting | clean - TRADES | PGD L2 - TRADES | PGD L-inf - TRADES | "
                   "min perturbation / TRADES | mean train time (s) | time / TRADES | target |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -215,15 +221,16 @@ def report(rows: list[dict], name: str, evaluated: int, stem: Path) -> str:
                 lines.append(f"| {method} | none within 2 points below | | | | | | | |")
                 continue
             s = summary[key]
-            time_ratio = cost[method][0] / cost["TRADES"][0]
+            time_ratio = cost[method][0] / cost["TRADES"][0] if sharing == 1 else float("nan")
             clean, l2, linf = (paired_difference(rows, key, reference, m) for m in ("clean", "pgd_l2", "pgd_linf"))
-            verdict = ("met" if l2[0][0] >= 0 and time_ratio <= TARGET_TIME else "missed") if method in FISHER else "-"
+            met = l2[0][0] >= 0 and (sharing > 1 or time_ratio <= TARGET_TIME)
+            verdict = (("met" if met else "missed") + ("" if sharing == 1 else " (PGD L2)")) if method in FISHER else "-"
             differences = " | ".join(cell(*difference, sign="+") for difference in (clean, l2, linf))
             lines.append(f"| {method} | {key[1]} | {differences} | "
                          f"{s['median_min_perturbation'][0] / r['median_min_perturbation'][0]:.2f} | "
                          f"{cell(cost[method][:2], cost[method][2], 0)} ({cost[method][2]} runs) | "
-                         f"{time_ratio:.2f} | {verdict} |")
-    plot = save(pareto_figure(summary, name, floor), stem.with_suffix(".png"))
+                         f"{time_ratio:.2f} | {verdict} |".replace("nan", "-"))
+    plot = save(pareto_figure(summary, name, floor, sized=sharing == 1), stem.with_suffix(".png"))
     root = RESULTS.parents[1]
     lines += ["", f"plot: {plot.relative_to(root) if plot.is_relative_to(root) else plot}"]
     text = "\n".join(lines)
@@ -231,9 +238,10 @@ def report(rows: list[dict], name: str, evaluated: int, stem: Path) -> str:
     return text
 
 
-def pareto_figure(summary: dict, name: str, floor: float | None):
+def pareto_figure(summary: dict, name: str, floor: float | None, sized: bool = True):
     """Clean accuracy against PGD L2 and L-inf accuracy per setting, error bars = 95% intervals over seeds,
-    marker area = training time; the dotted line is the matched comparison's clean-accuracy `floor`."""
+    marker area = training time where `sized` (one size where the times are no cost); the dotted line is the
+    matched comparison's clean-accuracy `floor`."""
     figure = new_figure(11.0, 5.0)
     longest = max(s["train_s"][0] for s in summary.values())
     for index, (metric, label) in enumerate((("pgd_l2", "PGD L2 0.5 accuracy"), ("pgd_linf", "PGD L-inf 8/255 accuracy"))):
@@ -246,7 +254,7 @@ def pareto_figure(summary: dict, name: str, floor: float | None):
                         xerr=[p["clean"][1] for p in points], yerr=[p[metric][1] for p in points], fmt="none",
                         ecolor=f"C{colour}", alpha=0.6)
             ax.scatter([p["clean"][0] for p in points], [p[metric][0] for p in points],
-                       s=[20 + 300 * p["train_s"][0] / longest for p in points], color=f"C{colour}", alpha=0.8,
+                       s=[20 + 300 * p["train_s"][0] / longest if sized else 60 for p in points], color=f"C{colour}", alpha=0.8,
                        label=method)
             for (_, setting), p in ((k, s) for k, s in summary.items() if k[0] == method):
                 ax.annotate(setting, (p["clean"][0], p[metric][0]), fontsize=6, xytext=(4, 4),
@@ -255,7 +263,8 @@ def pareto_figure(summary: dict, name: str, floor: float | None):
             ax.axvline(floor, color="grey", linestyle=":", linewidth=1, label="TRADES' clean accuracy - 2 points")
         ax.set_xlabel("clean accuracy")
         ax.set_ylabel(label)
-        ax.set_title(f"{name}: marker area = training time", fontsize="small")
+        ax.set_title(f"{name}: " + ("marker area = training time" if sized else "bars = 95% intervals over seeds"),
+                     fontsize="small")
         if index == 0:
             ax.legend(fontsize="x-small")
     return figure
@@ -274,6 +283,8 @@ def main() -> None:
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
                         help="train and attack on this device; GPU rows go to frontier_<data>_gpu.*")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the rows, table and figure")
+    parser.add_argument("--sharing", type=int, default=1,
+                        help="processes sharing the device (recorded; above 1 the report gives no time ratio)")
     parser.add_argument("--report", action="store_true", help="only print the report of the finished runs")
     args = parser.parse_args()
     name = args.data if args.accelerator == "cpu" else f"{args.data}_gpu"
@@ -295,7 +306,8 @@ def main() -> None:
                     if (method, setting, seed) in finished:
                         continue
                     row = {"method": method, "setting": setting, "seed": seed, "epochs": args.epochs,
-                           "train": args.train, "machine": machine(),
+                           "train": args.train, "machine": machine(), "accelerator": args.accelerator,
+                           "sharing": args.sharing,
                            **run(data, method, setting, seed, args.epochs, args.eval, args.accelerator)}
                     with path.open("a") as out:
                         out.write(json.dumps(row) + "\n")
