@@ -9,18 +9,21 @@ the weights: the eval-mode Fashion-MNIST model swung between 51% and 76% from on
 Per run: clean test accuracy, PGD L-inf 8/255 and L2 0.5 robust accuracy (ART, 20 steps, one random start)
 and the median minimal L2 perturbation (DeepFool + PGD bisection) on the first `--eval` test images, and the
 training wall time. Runs append to
-`bench/results/frontier_<data>.jsonl`; a finished run (same method, setting, seed, `--train` and `--epochs`) is
+`bench/results/frontier_<data>.jsonl` (`frontier_<data>_gpu.jsonl` with `--accelerator gpu`, where training
+and attacks run on the GPU; `--results` moves the folder); a finished run (same method, setting, seed, `--train` and `--epochs`) is
 skipped when the command is started again, and the report covers the runs of the given `--train` and `--epochs`.
 
     python bench/regularization_frontier.py --data cifar10              # train what is missing, then report
     python bench/regularization_frontier.py --data fashion_mnist
     python bench/regularization_frontier.py --data cifar10 --report     # the table and the Pareto figure only
+    python bench/frontier_jobs.py --processes 12 --accelerator gpu     # every run as parallel jobs
 
 The report, printed and written to `frontier_<data>.md`: per setting, means over seeds with 95% t-intervals
 (none with one seed); the matched comparison (each method's most robust setting whose clean accuracy is at most
 2 points below that of TRADES' most robust setting, if any) with issue 14's target (PGD L2 accuracy at least
 TRADES' in at most 40% of its training time); and `frontier_<data>.png`, clean accuracy against PGD L2 and
-L-inf accuracy, marker area = training time.
+L-inf accuracy, marker area = training time. Rows trained while `--sharing` processes shared the device (the
+GPU jobs) give no time ratio: their wall times measure the others' load; the verdict is then on PGD L2 alone.
 """
 from __future__ import annotations
 
