@@ -171,6 +171,36 @@ def test_scheduler_is_stepped_once_per_epoch(tmp_path):
     assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_scheduled_training_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path, precision):
+    """As users train: a cosine schedule, the default logger (TensorBoard) with `LearningRateMonitor`, a checkpoint
+    after 2 of 4 epochs, `fit(ckpt_path=...)`. Lightning saves and restores the scheduler, so the resumed run
+    ends with the uninterrupted run's parameters, and both log lr (1 + cos(pi e / 4)) / 2 * 0.1 for epochs e."""
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def fit(folder, epochs, checkpoint=None):
+        pl.seed_everything(0, workers=True)
+        net = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+        module = FisherRegularizedClassifier(net, num_classes=4, optimizer=partial(torch.optim.SGD, lr=0.1),
+                                             scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=4))
+        saver = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True)
+        run = trainer(folder, [LearningRateMonitor("epoch"), saver], max_epochs=epochs, precision=precision)
+        run.fit(module, torch.utils.data.DataLoader(blobs(), batch_size=16), ckpt_path=checkpoint)
+        return module, run
+
+    uninterrupted, whole = fit(tmp_path / "whole", 4)
+    fit(tmp_path / "first", 2)
+    resumed, second = fit(tmp_path / "second", 4, checkpoint=str(tmp_path / "first" / "checkpoints" / "last.ckpt"))
+    for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    rates = [0.1 * (1 + math.cos(math.pi * epoch / 4)) / 2 for epoch in range(4)]
+    for run, epochs in ((whole, range(4)), (second, range(2, 4))):
+        events = EventAccumulator(run.logger.log_dir)
+        events.Reload()
+        assert [s.value for s in events.Scalars("lr-SGD")] == pytest.approx([rates[e] for e in epochs], rel=1e-6)
+
+
 @pytest.mark.parametrize("kwargs", [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 2}])
 def test_regularized_training_with_mixed_precision_and_accumulation(tmp_path, kwargs):
     module, run = _fit_regularized(tmp_path, fl.FisherKLPenalty(weight=0.1), **kwargs)
