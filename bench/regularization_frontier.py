@@ -10,8 +10,9 @@ Per run: clean test accuracy, PGD L-inf 8/255 and L2 0.5 robust accuracy (ART, 2
 and the median minimal L2 perturbation (DeepFool + PGD bisection) on the first `--eval` test images, and the
 training wall time. Runs append to
 `bench/results/frontier_<data>.jsonl` (`frontier_<data>_gpu.jsonl` with `--accelerator gpu`, where training
-and attacks run on the GPU; `--results` moves the folder); a finished run (same method, setting, seed, `--train` and `--epochs`) is
-skipped when the command is started again, and the report covers the runs of the given `--train` and `--epochs`.
+and attacks run on the GPU; `--results` moves the folder); a finished run (same method, setting, seed, `--train`
+and `--epochs`) is skipped when the command is started again, and the report covers the runs of the given
+`--train` and `--epochs`.
 
     python bench/regularization_frontier.py --data cifar10              # train what is missing, then report
     python bench/regularization_frontier.py --data fashion_mnist
@@ -227,7 +228,8 @@ def report(rows: list[dict], name: str, evaluated: int, stem: Path) -> str:
             time_ratio = cost[method][0] / cost["TRADES"][0] if sharing == 1 else float("nan")
             clean, l2, linf = (paired_difference(rows, key, reference, m) for m in ("clean", "pgd_l2", "pgd_linf"))
             met = l2[0][0] >= 0 and (sharing > 1 or time_ratio <= TARGET_TIME)
-            verdict = (("met" if met else "missed") + ("" if sharing == 1 else " (PGD L2)")) if method in FISHER else "-"
+            verdict = "-" if method not in FISHER else ("met" if met else "missed") + (
+                "" if sharing == 1 else " (PGD L2)")
             differences = " | ".join(cell(*difference, sign="+") for difference in (clean, l2, linf))
             lines.append(f"| {method} | {key[1]} | {differences} | "
                          f"{s['median_min_perturbation'][0] / r['median_min_perturbation'][0]:.2f} | "
@@ -257,8 +259,8 @@ def pareto_figure(summary: dict, name: str, floor: float | None, sized: bool = T
                         xerr=[p["clean"][1] for p in points], yerr=[p[metric][1] for p in points], fmt="none",
                         ecolor=f"C{colour}", alpha=0.6)
             ax.scatter([p["clean"][0] for p in points], [p[metric][0] for p in points],
-                       s=[20 + 300 * p["train_s"][0] / longest if sized else 60 for p in points], color=f"C{colour}", alpha=0.8,
-                       label=method)
+                       s=[20 + 300 * p["train_s"][0] / longest if sized else 60 for p in points],
+                       color=f"C{colour}", alpha=0.8, label=method)
             for (_, setting), p in ((k, s) for k, s in summary.items() if k[0] == method):
                 ax.annotate(setting, (p["clean"][0], p[metric][0]), fontsize=6, xytext=(4, 4),
                             textcoords="offset points")
@@ -290,6 +292,8 @@ def main() -> None:
                         help="processes sharing the device (recorded; above 1 the report gives no time ratio)")
     parser.add_argument("--report", action="store_true", help="only print the report of the finished runs")
     args = parser.parse_args()
+    if args.sharing < 1:
+        parser.error("--sharing must be at least 1")
     name = args.data if args.accelerator == "cpu" else f"{args.data}_gpu"
     stem = args.results / f"frontier_{name}"
     path = stem.with_suffix(".jsonl")
