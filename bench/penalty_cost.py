@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda: model and batch live there")
     parser.add_argument("--epoch", action="store_true", help="time one Trainer epoch per variant instead")
     args = parser.parse_args()
-    x, y = (t.to(args.device) for t in cifar_images("train", args.batch))
+    accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
     print(f"machine: {machine()}")
     if args.epoch:
         quiet_lightning()
@@ -84,15 +84,16 @@ def main() -> None:
               "training images, batch 128, the penalty frontier's Trainer (Adam), after one untimed epoch\n")
         data = data_module("cifar10", 5000)
         data.setup()
-        epoch_time(data, "gpu" if args.device.startswith("cuda") else "cpu")  # warm-up, untimed
+        epoch_time(data, accelerator)  # warm-up, untimed
     else:
+        x, y = (t.to(args.device) for t in cifar_images("train", args.batch))
         print(f"SmallCNN (widths 32-64-128, BatchNorm, train mode), batch {args.batch} CIFAR-10 images; "
               f"median of {args.steps} steps\n")
     print(f"| training {'epoch' if args.epoch else 'step'} | seconds | x plain |\n|---|---:|---:|")
     base = None
     for label, options in VARIANTS.items():
         if args.epoch:
-            seconds = epoch_time(data, "gpu" if args.device.startswith("cuda") else "cpu", **options)
+            seconds = epoch_time(data, accelerator, **options)
         else:
             torch.manual_seed(0)
             net = SmallCNN(3, 10).to(args.device).train()

@@ -112,8 +112,7 @@ def run(data: pl.LightningDataModule, method: str, setting: str, seed: int, epoc
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     net = module.net.to(device).eval()
-    images, labels = (torch.stack(part).to(device) for part in
-                      zip(*(data.splits["test"][i] for i in range(len(data.splits["test"])))))
+    images, labels = (t.to(device) for t in data.splits["test"].tensors)
     with torch.no_grad():
         clean = (torch.cat([net(b).argmax(1) for b in images.split(256)]) == labels).float().mean().item()
     x, y = images[:evaluated], labels[:evaluated]
@@ -225,7 +224,7 @@ def report(rows: list[dict], name: str, evaluated: int, stem: Path) -> str:
                 lines.append(f"| {method} | none within 2 points below | | | | | | | |")
                 continue
             s = summary[key]
-            time_ratio = cost[method][0] / cost["TRADES"][0] if sharing == 1 else float("nan")
+            time_ratio = cost[method][0] / cost["TRADES"][0]
             clean, l2, linf = (paired_difference(rows, key, reference, m) for m in ("clean", "pgd_l2", "pgd_linf"))
             met = l2[0][0] >= 0 and (sharing > 1 or time_ratio <= TARGET_TIME)
             verdict = "-" if method not in FISHER else ("met" if met else "missed") + (
@@ -234,7 +233,7 @@ def report(rows: list[dict], name: str, evaluated: int, stem: Path) -> str:
             lines.append(f"| {method} | {key[1]} | {differences} | "
                          f"{s['median_min_perturbation'][0] / r['median_min_perturbation'][0]:.2f} | "
                          f"{cell(cost[method][:2], cost[method][2], 0)} ({cost[method][2]} runs) | "
-                         f"{time_ratio:.2f} | {verdict} |".replace("nan", "-"))
+                         f"{f'{time_ratio:.2f}' if sharing == 1 else '-'} | {verdict} |")
     plot = save(pareto_figure(summary, name, floor, sized=sharing == 1), stem.with_suffix(".png"))
     root = RESULTS.parents[1]
     lines += ["", f"plot: {plot.relative_to(root) if plot.is_relative_to(root) else plot}"]
@@ -305,6 +304,7 @@ def main() -> None:
         data.prepare_data()  # Fashion-MNIST: unpack Debian's IDX files into torchvision's layout
         data.setup()
         finished = {(r["method"], r["setting"], r["seed"]) for r in done}
+        args.results.mkdir(parents=True, exist_ok=True)
         for seed in range(args.seeds) if args.only_seed is None else (args.only_seed,):
             for method, settings in SETTINGS.items():
                 if args.only and method not in args.only:
