@@ -2,7 +2,7 @@
 
 It owns the module training flags, BatchNorm buffers and `track_running_stats`, parameter `.grad` and
 `requires_grad`, the global RNG (CPU and CUDA), grad / inference mode, autocast, the attention kernel and
-the multi-head-attention fast path. Nothing else in the package touches those things.
+the multi-head-attention fast path, and for second-order work the normalisation kernels. Nothing else in the package touches those things.
 
 What a forward pass means per sample is defined here too (`ForwardPasses`). In eval mode samples are
 independent. In `mode="train"` BatchNorm would couple the samples of a batch (every JVP or VJP would move
@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from fim_lightning.normalisation import elementary_normalisation
 
 Mode = Literal["eval", "train"]
 
@@ -140,12 +142,15 @@ def forked_rng(*tensors: Tensor) -> Iterator[None]:
 
 
 @contextmanager
-def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval") -> Iterator[ForwardPasses]:
+def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval",
+                    second_order: bool = False) -> Iterator[ForwardPasses]:
     """Run estimation code with grad enabled, in `mode`, and restore all caller-owned state on exit.
 
     Yields the `ForwardPasses` that define a per-sample forward pass in `mode`. In `mode="train"` BatchNorm
     layers use the recorded batch's statistics with `track_running_stats` switched off for the duration,
-    so their running buffers are neither read nor written.
+    so their running buffers are neither read nor written. `second_order=True` (the penalties, which
+    differentiate input derivatives with respect to the parameters) runs the normalisation layers as
+    elementary operations (`normalisation.elementary_normalisation`), whose higher derivatives are right.
     """
     modules = list(model.modules()) if isinstance(model, nn.Module) else []
     params = list(model.parameters()) if isinstance(model, nn.Module) else []
@@ -167,6 +172,8 @@ def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval") -> I
             stack.enter_context(torch.autocast("cuda", enabled=False))
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         torch.backends.mha.set_fastpath_enabled(False)
+        if second_order:
+            stack.enter_context(elementary_normalisation())
         passes = EVAL_PASSES
         try:
             for m in modules:

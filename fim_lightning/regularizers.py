@@ -83,7 +83,7 @@ class FisherPenalty(nn.Module):
             return inputs.new_zeros(())
         if logits is not None and not self._reusable(model, inputs, logits):
             logits = None
-        with preserved_state(model, inputs, mode=self.mode) as self._passes:
+        with preserved_state(model, inputs, mode=self.mode, second_order=True) as self._passes:
             try:
                 values = self.per_sample(model, inputs.detach(), logits)
             finally:
