@@ -1,6 +1,7 @@
 """`FisherRobustnessCallback`: track the input-space Fisher spectral norm of a model during training."""
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Mapping
@@ -8,15 +9,14 @@ from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from fim_lightning import writers
+from fim_lightning.flavours import CALLBACK_BASES, MISCONFIGURATION_ERRORS, MisconfigurationException
 from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_options, fisher_operator, fisher_scores
 from fim_lightning.guard import forked_rng
 from fim_lightning.operator import OUTPUT_KINDS, OutputKind
@@ -44,7 +44,7 @@ def _run_name(trainer: pl.Trainer) -> str:
     return str(trainer.default_root_dir)
 
 
-class FisherRobustnessCallback(Callback):
+class FisherRobustnessCallback(*CALLBACK_BASES):
     r"""Score a fixed probe set of held-out samples with the input-space Fisher information and log it.
 
     For each probe x: lambda_max(F(x)), tr F(x) and the robustness radius
@@ -137,8 +137,8 @@ class FisherRobustnessCallback(Callback):
         self._probe_inputs: Optional[Tensor] = None
         self._probe_indices: Optional[Tensor] = None
         self._generator_state: Tensor = torch.Generator().manual_seed(seed).get_state()
-        self._last_epoch = -1
         self._last_step = -1
+        self._unverified_probes = False
         self._latest: Optional[writers.Snapshot] = None
 
     @property
@@ -149,32 +149,69 @@ class FisherRobustnessCallback(Callback):
     # -- set-up -------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """With `data=`, draw the probe set and check the model now; otherwise at the first evaluation, from
-        the trainer's validation (test) dataloaders."""
-        if stage != TrainerFn.PREDICTING and self._probe_inputs is None and self.data is not None:
+        """Check the scored model now; with `data=`, draw the probe set now too, otherwise at the first
+        evaluation, from the trainer's validation (test) dataloaders."""
+        if stage == TrainerFn.PREDICTING:
+            return
+        self._scored_model(pl_module)
+        if self._probe_inputs is None and self.data is not None:
             self._ensure_probe_set(trainer, pl_module)
 
     def _ensure_probe_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._probe_inputs is not None and self._unverified_probes:
+            self._check_saved_probes(trainer, pl_module)
         if self._probe_inputs is None:
-            self._probe_inputs, self._probe_indices = self._draw_probe_set(self._held_out_data(trainer))
-            try:
-                with fisher_operator(self._scored_model(pl_module), self._probe_inputs[:2], output=self.output,
-                                     mode="eval") as op:
-                    op.logits  # one forward: checks the output is (B, C) class scores with C >= 2
-            except (TypeError, ValueError) as error:
-                raise MisconfigurationException(f"FisherRobustnessCallback cannot score this model: {error}") from error
+            self._probe_inputs, self._probe_indices = self._draw_probe_set(self._held_out_data(trainer, pl_module))
+            self._check_model_output(pl_module)
 
-    def _held_out_data(self, trainer: pl.Trainer) -> Union[DataLoader, Dataset]:
+    def _check_model_output(self, pl_module: pl.LightningModule) -> None:
+        """One forward of two probes: the output must be (B, C) class scores with C >= 2."""
+        try:
+            with fisher_operator(self._scored_model(pl_module), self._probe_inputs[:2].to(pl_module.device),
+                                 output=self.output, mode="eval") as op:
+                op.check_output()
+        except (TypeError, ValueError) as error:
+            raise MisconfigurationException(f"FisherRobustnessCallback cannot score this model: {error}") from error
+
+    def _check_saved_probes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A checkpoint of the older format (no `num_samples` / `seed`): its probe indices must be the ones this
+        callback's `num_samples` and `seed` draw from the held-out data, else a new curve starts."""
+        self._unverified_probes = False
+        data = self._held_out_data(trainer, pl_module)
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            return
+        expected = self._draw_indices(len(dataset))
+        if not torch.equal(expected, self._probe_indices.cpu()):
+            rank_zero_warn(
+                "FisherRobustnessCallback: the checkpoint (an older format, without num_samples / seed) holds "
+                f"{len(self._probe_indices)} probes that num_samples={self.num_samples}, seed={self.seed} do not "
+                "draw: starting a new FIM curve (new probe set, empty history)"
+            )
+            self._probe_inputs, self._probe_indices, self.history = None, None, []
+
+    def _held_out_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Union[DataLoader, Dataset]:
+        """`data`, else the trainer's validation (test) dataloader, else the datamodule's or the module's own
+        (the trainer loads none with `limit_val_batches=0`)."""
         if self.data is not None:
             return self.data
         testing = trainer.state.fn == TrainerFn.TESTING
+        kind = "test" if testing else "val"
         loader = _first_loader(trainer.test_dataloaders if testing else trainer.val_dataloaders)
+        for source in (trainer.datamodule, pl_module):
+            if loader is None and source is not None:
+                with contextlib.suppress(NotImplementedError, AttributeError, *MISCONFIGURATION_ERRORS):
+                    loader = _first_loader(getattr(source, f"{kind}_dataloader")())
         if loader is None:
             raise MisconfigurationException(
-                "FisherRobustnessCallback needs held-out data: the trainer has no "
-                f"{'test' if testing else 'validation'} dataloader; pass `data=` (a DataLoader or Dataset)"
+                "FisherRobustnessCallback needs held-out data: neither the trainer, the datamodule nor the module "
+                f"has a {'test' if testing else 'validation'} dataloader; pass `data=` (a DataLoader or Dataset)"
             )
         return loader
+
+    def _draw_indices(self, size: int) -> Tensor:
+        draw = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
+        return draw[: self.num_samples].sort().values
 
     def _draw_probe_set(self, data: Union[DataLoader, Dataset]) -> tuple[Tensor, Tensor]:
         """`num_samples` inputs drawn once with `seed`; the global RNG is forked (transforms, iterators draw from it)."""
@@ -184,8 +221,7 @@ class FisherRobustnessCallback(Callback):
                 size = len(dataset)
                 if size == 0:
                     raise MisconfigurationException("FisherRobustnessCallback: the held-out dataset is empty")
-                draw = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
-                indices = draw[: self.num_samples].sort().values
+                indices = self._draw_indices(size)
                 inputs = torch.stack([self._input_of(dataset[i]) for i in indices.tolist()])
             else:
                 loader = data if isinstance(data, DataLoader) else DataLoader(dataset, batch_size=self.batch_size)
@@ -230,37 +266,66 @@ class FisherRobustnessCallback(Callback):
         return item
 
     def _scored_model(self, pl_module: pl.LightningModule) -> Any:
-        return getattr(pl_module, self.model_attribute) if self.model_attribute else pl_module
+        """`pl_module`, or its `model_attribute`; a module without `forward` (its steps call a submodule)
+        is refused with the pointer to `model_attribute=`."""
+        if self.model_attribute:
+            if not hasattr(pl_module, self.model_attribute):
+                raise MisconfigurationException(
+                    f"FisherRobustnessCallback: model_attribute={self.model_attribute!r} is not an attribute of "
+                    f"{type(pl_module).__name__}")
+            return getattr(pl_module, self.model_attribute)
+        if getattr(type(pl_module).forward, "__qualname__", "") in ("LightningModule.forward",
+                                                                     "_forward_unimplemented"):
+            children = [name for name, _ in pl_module.named_children()]
+            raise MisconfigurationException(
+                f"FisherRobustnessCallback scores the LightningModule's forward, and {type(pl_module).__name__} "
+                f"defines none: pass model_attribute= naming the network it calls (its submodules: {children})")
+        return pl_module
 
     # -- triggers -----------------------------------------------------------------------------------
+    @staticmethod
+    def _score_in_validation(trainer: pl.Trainer) -> bool:
+        """Whether the end-of-epoch point is scored in `on_validation_epoch_end` (so that ModelCheckpoint and
+        EarlyStopping, which run in `on_validation_end`, see it) rather than in `on_train_epoch_end`: only
+        where exactly one validation runs per epoch, at its end (as ModelCheckpoint decides where it saves)."""
+        batches = trainer.num_val_batches
+        batches = sum(batches) if isinstance(batches, list) else batches
+        return (trainer.check_val_every_n_epoch == 1 and isinstance(trainer.val_check_interval, float)
+                and trainer.val_check_interval == 1.0 and batches > 0)
+
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._last_step:
-            self._last_step = step
-            self.score(trainer, pl_module)
+            self._score_fit_point(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        if trainer.state.fn == TrainerFn.FITTING:
-            self._score_epoch(trainer, pl_module)
-        else:
+        if trainer.state.fn != TrainerFn.FITTING:
             self.score(trainer, pl_module)
+        elif self._score_in_validation(trainer):
+            self._score_epoch(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._score_epoch(trainer, pl_module)
+        if not self._score_in_validation(trainer):
+            self._score_epoch(trainer, pl_module)
 
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.score(trainer, pl_module)
 
     def _score_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and epoch != self._last_epoch:
-            self._last_epoch = epoch
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._score_fit_point(trainer, pl_module)
+
+    def _score_fit_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A point of the training curve, at most one per global step (an epoch's end may fall on a step the
+        step trigger has scored already)."""
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
             self.score(trainer, pl_module)
 
     # -- scoring ------------------------------------------------------------------------------------
@@ -364,25 +429,38 @@ class FisherRobustnessCallback(Callback):
             "probe_indices": self._probe_indices,
             "history": list(self.history),
             "generator_state": self._generator_state,
-            "last_epoch": self._last_epoch,
             "last_step": self._last_step,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the saved curve; a checkpoint whose probe set was drawn with another `num_samples` or
-        `seed` starts a new curve (with a warning) instead of silently keeping the old probes."""
-        saved = {name: state_dict.get(name, getattr(self, name)) for name in ("num_samples", "seed")}
-        if saved != {"num_samples": self.num_samples, "seed": self.seed}:
+        `seed` starts a new curve (with a warning) instead of silently keeping the old probes. An older
+        checkpoint without those two keys is checked at the first evaluation, against the probe indices that
+        this callback draws from the held-out data."""
+        required = ("probe_inputs", "probe_indices", "history", "generator_state", "last_step")
+        missing = [key for key in required if key not in state_dict] if isinstance(state_dict, Mapping) else required
+        if missing:
+            raise MisconfigurationException(
+                f"FisherRobustnessCallback.load_state_dict: not a state of this callback (missing {missing}); "
+                "pass what `state_dict()` returned, or the checkpoint's `callbacks[callback.state_key]`")
+        saved = {name: state_dict[name] for name in ("num_samples", "seed") if name in state_dict}
+        if saved and saved != {"num_samples": self.num_samples, "seed": self.seed}:
             rank_zero_warn(
                 f"FisherRobustnessCallback: the checkpoint's probe set was drawn with {saved}, this callback has "
                 f"num_samples={self.num_samples}, seed={self.seed}: starting a new FIM curve (new probe set, empty "
                 "history)"
             )
             return
-        self._probe_inputs = state_dict["probe_inputs"]
+        probes = state_dict["probe_inputs"]
+        if not saved and probes is not None and len(probes) != self.num_samples:
+            rank_zero_warn(
+                f"FisherRobustnessCallback: the checkpoint holds {len(probes)} probes, this callback has "
+                f"num_samples={self.num_samples}: starting a new FIM curve (new probe set, empty history)")
+            return
+        self._probe_inputs = probes
         self._probe_indices = state_dict["probe_indices"]
         self.history = list(state_dict["history"])
         self._generator_state = state_dict["generator_state"]
-        self._last_epoch = state_dict["last_epoch"]
         self._last_step = state_dict["last_step"]
+        self._unverified_probes = not saved and probes is not None

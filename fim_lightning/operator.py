@@ -255,6 +255,31 @@ class FisherOperator:
     def _record(self, logits: Tensor, scores: Tensor) -> None:
         self.invalid = self.invalid | check_output_values(scores, self.output)
         self._logits = logits if self.differentiable else logits.detach()
+        self._check_per_sample(scores)
+
+    def _check_per_sample(self, scores: Tensor) -> None:
+        """F(x_i) is per sample: a model whose output for one sample depends on another (`x - x.mean(0)`)
+        has no such Fisher information. Checked once, on two samples: sample 0 moved, sample 1 watched."""
+        if self.batch_size < 2:
+            return
+        pair = self.inputs[:2].detach().clone()
+        pair[0] = pair[0] + 1.0
+        with torch.no_grad():
+            watched = as_class_scores(self._passes.run(self._forward, pair), 2)[1].detach()
+            original = as_class_scores(self._passes.run(self._forward, self.inputs[:2].detach()), 2)[1].detach()
+        change = (watched - original).abs().max().item()
+        scale = original.abs().max().item() + 1.0
+        if not change <= 1e3 * torch.finfo(self.inputs.dtype).eps * scale:
+            everyone = torch.ones_like(self.invalid)
+            warn_samples(everyone, f"the model mixes the samples of a batch (moving sample 0 changed the output "
+                                   f"of sample 1 by {change:.3g}), so there is no per-sample Fisher information; "
+                                   "score a model whose samples are independent (eval-mode layers)")
+            self.invalid = everyone
+
+    def check_output(self) -> None:
+        """One forward pass (if none has run): raises unless the model returns (B, C) class scores, C >= 2."""
+        if self._logits is None:
+            self._record(*self._logits_and_scores(self.inputs))
 
     @property
     def logits(self) -> Tensor:
