@@ -1,5 +1,9 @@
 """LightningModules the recipes instantiate: `ImageClassifier` (cross-entropy, accuracy, optimizer) and
-`FisherRegularizedClassifier` (the same plus a Fisher penalty)."""
+`FisherRegularizedClassifier` (the same plus a Fisher penalty), for `pytorch_lightning`.
+
+Each is written once as a mixin (`ImageClassifierSteps`, `FisherRegularizedSteps`) and built on a package's
+`LightningModule`: here on `pytorch_lightning`'s, in `fim_lightning.unified` on `lightning.pytorch`'s
+(`fim_lightning.flavours` says why)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -12,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from fim_lightning.validation import check_int
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifierSteps:
     """Wraps any classifier `net` (pixels in [0, 1] -> logits) with cross-entropy training.
 
     Args:
@@ -48,6 +52,7 @@ class ImageClassifier(pl.LightningModule):
         return self.net(x)
 
     def _step(self, batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+        """Cross-entropy and accuracy of one batch, logged under `stage`."""
         x, y = batch
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
@@ -73,7 +78,7 @@ class ImageClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
 
-class FisherRegularizedClassifier(ImageClassifier):
+class FisherRegularizedSteps:
     """Cross-entropy plus a penalty on the training batch; logs `train/ce` and `train/fisher_penalty`.
 
     `penalty` is any module called as `penalty(net, x, step=..., logits=...)`: a `FisherPenalty` or
@@ -110,3 +115,11 @@ class FisherRegularizedClassifier(ImageClassifier):
         penalty = self.penalty(self.net, x, step=self.global_step, logits=logits)
         self.log("train/fisher_penalty", penalty)
         return ce + penalty
+
+
+class ImageClassifier(ImageClassifierSteps, pl.LightningModule):
+    __doc__ = ImageClassifierSteps.__doc__
+
+
+class FisherRegularizedClassifier(FisherRegularizedSteps, ImageClassifier):
+    __doc__ = FisherRegularizedSteps.__doc__

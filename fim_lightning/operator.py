@@ -185,7 +185,15 @@ def functional_forward(model: Callable, dtype: torch.dtype, differentiable: bool
     if not isinstance(model, nn.Module):
         return model
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    if differentiable and all(t.dtype == dtype or not t.is_floating_point() for t in state.values()):
+    same_dtype = all(t.dtype == dtype or not t.is_floating_point() for t in state.values())
+    if differentiable and same_dtype:
+        return model
+    if any(type(t).__name__ == "DTensor" for t in state.values()):
+        # a sharded model (FSDP2) gathers its parameters in its own forward hooks: run it as it is (the
+        # products are taken with respect to the inputs only)
+        if not same_dtype:
+            raise ValueError(f"model_dtype={dtype} cannot cast a sharded (FSDP2 / DTensor) model; score it in its "
+                             "own parameter dtype (model_dtype=None)")
         return model
     state = {
         name: (t if differentiable else t.detach()).to(dtype) if t.is_floating_point() else t

@@ -12,6 +12,7 @@ Writers run on global rank 0 only and reach no collective. Register a writer for
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from fim_lightning import figures
+from fim_lightning.flavours import PACKAGES
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,11 @@ class PngFiles(FigureWriter):
         return Path(getattr(logger, "log_dir", None) or logger.save_dir or trainer.default_root_dir)
 
 
-FIGURE_WRITERS: dict[type, FigureWriter] = {WandbLogger: WandbMedia(), TensorBoardLogger: TensorBoardImages()}
+FIGURE_WRITERS: dict[type, FigureWriter] = {
+    getattr(importlib.import_module(f"{package}.loggers"), name): writer
+    for package in PACKAGES  # each Lightning package has its own logger classes
+    for name, writer in (("WandbLogger", WandbMedia()), ("TensorBoardLogger", TensorBoardImages()))
+}
 DEFAULT_WRITER: FigureWriter = PngFiles()
 
 

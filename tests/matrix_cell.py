@@ -1,6 +1,8 @@
 """One cell of the configuration matrix (`tests/test_matrix.py`), run as users run it: a script launched with
-`python tests/matrix_cell.py OUT --precision ... --devices ... --loggers ... --penalty ...`, Lightning's own
-`ddp` strategy starting the other processes. The model's weights never change (SGD with lr 0, BatchNorm with
+`python tests/matrix_cell.py OUT --precision ... --devices ... --loggers ... --penalty ... --strategy ...
+--package ...`, Lightning's own strategy starting the other processes (`ddp`, `ddp_spawn`, or FSDP2 through
+`ModelParallelStrategy`), with `pytorch_lightning` or the unified `lightning.pytorch`. What the test reads is
+written from inside the training processes (`Results.on_fit_end`), so that a spawned run reports too. The model's weights never change (SGD with lr 0, BatchNorm with
 momentum 0), so every cell must log the same Fisher numbers; the script writes what the test compares:
 `result.json` (rank 0: the callback's history, the metric per validation epoch, the logger folders),
 `penalties.pt` (rank 0: each training batch and its penalty) and `writer_calls_rank{r}.json` (every rank).
@@ -12,6 +14,8 @@ import json
 from functools import partial
 from pathlib import Path
 
+import importlib
+
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -19,7 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fim_lightning as fl
 from fim_lightning import writers
-from fim_lightning.module import FisherRegularizedClassifier
+from fim_lightning import module
+from fim_lightning.flavours import PACKAGES
 from tests.lightning_helpers import blobs
 
 PENALTIES = {"kl": lambda: fl.FisherKLPenalty(), "spectral": lambda: fl.FisherSpectralPenalty(eigenvector="exact")}
@@ -55,13 +60,21 @@ class RecordingPenalty(nn.Module):
         return value
 
 
-class MatrixModule(FisherRegularizedClassifier):
-    """`FisherRegularizedClassifier` with the `FisherSpectralNorm` metric in its `validation_step`."""
+class MatrixSteps:
+    """`FisherRegularizedClassifier` with the `FisherSpectralNorm` metric in its `validation_step`; under FSDP2
+    its network is sharded in `configure_model`, as Lightning's ModelParallelStrategy asks."""
 
-    def __init__(self, penalty: str) -> None:
+    def __init__(self, penalty: str, shard: bool) -> None:
         super().__init__(build_net(), 4, RecordingPenalty(PENALTIES[penalty]()),
                          optimizer=partial(torch.optim.SGD, lr=0.0))
         self.val_fim = fl.FisherSpectralNorm()
+        self.shard = shard
+
+    def configure_model(self) -> None:
+        if self.shard:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
 
     def validation_step(self, batch, batch_idx):
         super().validation_step(batch, batch_idx)
@@ -69,16 +82,64 @@ class MatrixModule(FisherRegularizedClassifier):
         self.log("val_fim", self.val_fim, on_epoch=True)
 
 
-class MetricRecorder(pl.Callback):
-    def __init__(self) -> None:
+class ResultsHooks:
+    """Writes what the test compares at the end of fit, in every training process (rank 0: the results)."""
+
+    def __init__(self, out: Path, fisher, loggers) -> None:
+        self.out, self.fisher, self.loggers = out, fisher, loggers
         self.values: list[float] = []
+        self.calls: list[str] = []
+
+    def setup(self, trainer, pl_module, stage):
+        """Count the figure writer's calls in this process (a spawned process imports `writers` anew)."""
+        write = writers.write
+
+        def counted(trainer, snapshot, event):
+            self.calls.append(event)
+            write(trainer, snapshot, event)
+
+        writers.write = counted
 
     def on_validation_end(self, trainer, pl_module):
         self.values.append(trainer.callback_metrics["val_fim"].item())
 
+    def on_fit_end(self, trainer, pl_module):
+        rank = trainer.global_rank
+        (self.out / f"writer_calls_rank{rank}.json").write_text(json.dumps(self.calls))
+        if rank == 0:
+            torch.save(pl_module.penalty.records, self.out / "penalties.pt")
+            torch.save(self.fisher.state_dict()["probe_inputs"], self.out / "probes.pt")
+            result = {"history": self.fisher.history, "val_fim": self.values,
+                      "loggers": logger_folders(self.loggers), "world_size": trainer.world_size}
+            (self.out / "result.json").write_text(json.dumps(result, indent=1))
 
-def make_loggers(names: list[str], out: Path) -> list:
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+class MatrixModule(MatrixSteps, module.FisherRegularizedClassifier):
+    pass
+
+
+class Results(ResultsHooks, pl.Callback):
+    pass
+
+
+FLAVOURS = {"pytorch_lightning": (MatrixModule, Results)}
+if "lightning.pytorch" in PACKAGES:
+    import lightning.pytorch as L
+
+    from fim_lightning import unified
+
+    class UnifiedMatrixModule(MatrixSteps, unified.FisherRegularizedClassifier):
+        pass
+
+    class UnifiedResults(ResultsHooks, L.Callback):
+        pass
+
+    FLAVOURS["lightning.pytorch"] = (UnifiedMatrixModule, UnifiedResults)
+
+
+def make_loggers(names: list[str], out: Path, package: str) -> list:
+    loggers = importlib.import_module(f"{package}.loggers")
+    CSVLogger, TensorBoardLogger, WandbLogger = loggers.CSVLogger, loggers.TensorBoardLogger, loggers.WandbLogger
 
     makers = {"csv": lambda: CSVLogger(str(out), name="csv"),
               "tensorboard": lambda: TensorBoardLogger(str(out), name="tb"),
@@ -101,35 +162,25 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--loggers", default="csv")
     parser.add_argument("--penalty", default="kl", choices=sorted(PENALTIES))
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn", "fsdp2"])
+    parser.add_argument("--package", default="pytorch_lightning", choices=["pytorch_lightning", "lightning.pytorch"])
     args = parser.parse_args()
+    lightning = importlib.import_module(args.package)
 
-    calls: list[str] = []
-    write = writers.write
-
-    def counted(trainer, snapshot, event):
-        calls.append(event)
-        write(trainer, snapshot, event)
-
-    writers.write = counted
-    loggers = make_loggers(args.loggers.split(","), args.out)
-    recorder = MetricRecorder()
+    loggers = make_loggers(args.loggers.split(","), args.out, args.package)
     callback = fl.FisherRobustnessCallback(model_attribute="net")  # the defaults a user gets, figures on
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-        precision=args.precision, max_epochs=2, logger=loggers or False, callbacks=[callback, recorder],
+    strategy = "auto"
+    if args.devices > 1:
+        strategy = lightning.strategies.ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1) if args.strategy == "fsdp2" else args.strategy
+    trainer = lightning.Trainer(
+        accelerator="cpu", devices=args.devices, strategy=strategy,
+        precision=args.precision, max_epochs=2, logger=loggers or False,
+        callbacks=[callback, FLAVOURS[args.package][1](args.out, callback, loggers)],
         default_root_dir=str(args.out), enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1,
     )
-    module = MatrixModule(args.penalty)
-    trainer.fit(module, DataLoader(images(64, 0), batch_size=16), DataLoader(images(48, 1), batch_size=16))
-    rank = trainer.global_rank
-    (args.out / f"writer_calls_rank{rank}.json").write_text(json.dumps(calls))
-    if rank == 0:
-        torch.save(module.penalty.records, args.out / "penalties.pt")
-        torch.save(callback.state_dict()["probe_inputs"], args.out / "probes.pt")
-        result = {"history": callback.history, "val_fim": recorder.values, "loggers": logger_folders(loggers),
-                  "world_size": trainer.world_size}
-        (args.out / "result.json").write_text(json.dumps(result, indent=1))
+    classifier = FLAVOURS[args.package][0](args.penalty, shard=args.strategy == "fsdp2" and args.devices > 1)
+    trainer.fit(classifier, DataLoader(images(64, 0), batch_size=16), DataLoader(images(48, 1), batch_size=16))
 
 
 if __name__ == "__main__":

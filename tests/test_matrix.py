@@ -3,7 +3,8 @@
 Paths, in every cell: `FisherRobustnessCallback()` with its defaults (figures on) in `fit`, the
 `FisherSpectralNorm` metric in `validation_step`, and a Fisher penalty in `FisherRegularizedClassifier`'s
 `training_step`. Axes: precision (32-true, bf16-mixed), processes (1, or 2 under Lightning's `ddp` on gloo,
-launched by Lightning from the script `tests/matrix_cell.py`), loggers (CSV, TensorBoard, W&B offline, several,
+launched by Lightning from the script `tests/matrix_cell.py` with `ddp`, `ddp_spawn` or FSDP2 through
+`ModelParallelStrategy`), package (`pytorch_lightning`, the unified `lightning.pytorch`), loggers (CSV, TensorBoard, W&B offline, several,
 none). Six cells cover every pair of values of two axes except W&B in one process, which
 `tests/test_callback.py` covers:
 
@@ -15,6 +16,10 @@ none). Six cells cover every pair of values of two axes except W&B in one proces
 | D | bf16-mixed | 2 | CSV + TensorBoard + W&B | FisherKLPenalty |
 | E | bf16-mixed | 1 | none | FisherSpectralPenalty (exact) |
 | F | 32-true | 2 | CSV | FisherSpectralPenalty (exact) |
+| G | 32-true | 2 (`ddp_spawn`) | CSV | FisherSpectralPenalty (exact) |
+| H | bf16-mixed | 2 (FSDP2: `ModelParallelStrategy`) | TensorBoard | FisherKLPenalty |
+| I | bf16-mixed | 2, `lightning.pytorch` | CSV + W&B | FisherSpectralPenalty (exact) |
+| J | 32-true | 1, `lightning.pytorch` | TensorBoard | FisherKLPenalty |
 
 The weights never change (SGD with lr 0, BatchNorm momentum 0), so each cell must log the same numbers:
 - every logged FIM statistic equals an independent float32 computation on one process
@@ -55,6 +60,12 @@ CELLS = {
     "D": {"precision": "bf16-mixed", "devices": 2, "loggers": "csv,tensorboard,wandb", "penalty": "kl"},
     "E": {"precision": "bf16-mixed", "devices": 1, "loggers": "none", "penalty": "spectral"},
     "F": {"precision": "32-true", "devices": 2, "loggers": "csv", "penalty": "spectral"},
+    "G": {"precision": "32-true", "devices": 2, "loggers": "csv", "penalty": "spectral", "strategy": "ddp_spawn"},
+    "H": {"precision": "bf16-mixed", "devices": 2, "loggers": "tensorboard", "penalty": "kl", "strategy": "fsdp2"},
+    "I": {"precision": "bf16-mixed", "devices": 2, "loggers": "csv,wandb", "penalty": "spectral",
+          "package": "lightning.pytorch"},
+    "J": {"precision": "32-true", "devices": 1, "loggers": "tensorboard", "penalty": "kl",
+          "package": "lightning.pytorch"},
 }
 PENALTY_RTOL = {"kl": 1e-3, "spectral": 1e-4}
 
@@ -64,7 +75,8 @@ def run_cell(name: str, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "tests" / "matrix_cell.py"), str(out), "--precision", cell["precision"],
-               "--devices", str(cell["devices"]), "--loggers", cell["loggers"], "--penalty", cell["penalty"]]
+               "--devices", str(cell["devices"]), "--loggers", cell["loggers"], "--penalty", cell["penalty"],
+               "--strategy", cell.get("strategy", "ddp"), "--package", cell.get("package", "pytorch_lightning")]
     done = subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
