@@ -14,6 +14,7 @@ from typing import Optional
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
@@ -53,6 +54,24 @@ def write_fim_outputs(fisher: Optional[FisherRobustnessCallback], output_dir: Pa
 DONE = "done.json"
 
 
+def recover_spawned_curve(trainer: pl.Trainer, fisher: FisherRobustnessCallback, stage: str) -> None:
+    """Under a spawning strategy (`ddp_spawn`) the callback ran in the spawned processes and this process's copy
+    holds nothing. After `fit` its state comes back from the checkpoint the run wrote (Lightning returns the
+    path), so `test` scores the same probes; after `test` the test point comes back from the metrics Lightning
+    returns (`trainer.callback_metrics`)."""
+    if stage == "fit":
+        path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not path:
+            raise RuntimeError("the FIM curve stayed in the spawned training processes and no checkpoint holds it: "
+                               "keep the model_checkpoint callback on with a spawning strategy")
+        fisher.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["callbacks"][fisher.state_key])
+        return
+    logged = {key: value.item() for key, value in trainer.callback_metrics.items()
+              if key.startswith(f"{fisher.prefix}/test/")}
+    row = {fisher.prefix + "/" + key.removeprefix(f"{fisher.prefix}/test/"): value for key, value in logged.items()}
+    fisher.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": "test", **row})
+
+
 def train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.trainer.default_root_dir)
     if cfg.get("skip_done") and (output_dir / DONE).exists():
@@ -81,8 +100,17 @@ def train(cfg: DictConfig) -> dict:
             at_init = evaluation if cfg.evaluate.get("at_init_attacks", True) else evaluation.scores_only()
             score_split(trainer, module.net, at_init, datamodule, cfg.evaluate.split, cfg.evaluate.num_samples,
                         meta, output_dir, "init")
-        trainer.fit(module, datamodule=datamodule)
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file (resume from e.g. "
+                                    "outputs/train/<time>/checkpoints/last.ckpt)")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        spawned = fisher is not None and not fisher.history
+        if spawned:
+            recover_spawned_curve(trainer, fisher, "fit")
         results = trainer.test(module, datamodule=datamodule, verbose=False)
+        if spawned:
+            recover_spawned_curve(trainer, fisher, "test")
         if trainer.is_global_zero:
             write_fim_outputs(fisher, output_dir)
             log.info(f"\ntest accuracy {results[0].get('test/acc', float('nan')):.4f}")
