@@ -170,8 +170,13 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             with fisher_operator(self._scored_model(pl_module), self._probe_inputs[:2].to(pl_module.device),
                                  output=self.output, mode="eval") as op:
                 op.check_output()
-        except (TypeError, ValueError) as error:
-            raise MisconfigurationException(f"FisherRobustnessCallback cannot score this model: {error}") from error
+        except Exception as error:  # the output check, or the model's own forward on a tensor batch
+            shape = tuple(self._probe_inputs[:2].shape)
+            raise MisconfigurationException(
+                f"FisherRobustnessCallback cannot score this model on a tensor batch of probe inputs {shape} "
+                f"({type(error).__name__}: {error}). If its forward takes another structure (a dict, several "
+                "inputs) or returns more than class scores, pass model_attribute= naming the network that maps "
+                "the input tensor to (B, C) scores (and input_key= for where the input sits in a sample)") from error
 
     def _check_saved_probes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A checkpoint of the older format (no `num_samples` / `seed`): its probe indices must be the ones this

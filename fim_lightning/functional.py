@@ -18,6 +18,7 @@ from fim_lightning import algorithms
 from fim_lightning.guard import Mode, active_dropout, preserved_state, resolve_mode
 from fim_lightning.operator import FisherOperator, OutputKind
 from fim_lightning.reductions import Reduction, check_reduction, reduce_values
+from fim_lightning.validation import check_int, check_real
 
 SpectralMethod = Literal["exact", "power", "lanczos", "hutchinson"]
 TraceMethod = Literal["exact", "hutchinson"]
@@ -34,20 +35,45 @@ TRACE_METHODS = {
 }
 
 
+def _check_generator(name: str, value: object) -> None:
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__} {value!r}")
+
+
+OPTION_CHECKS: dict[str, Callable[[str, object], object]] = {
+    "max_iter": lambda name, value: check_int(name, value, 1),
+    "tol": lambda name, value: check_real(name, value, 0.0),
+    "num_probes": lambda name, value: check_int(name, value, 1),
+    "top_k": lambda name, value: check_int(name, value, 1, allow_none=True),
+    "chunk_size": lambda name, value: check_int(name, value, 1, allow_none=True),
+    "generator": _check_generator,
+}
+
+
+def check_dtype(name: str, value: object) -> None:
+    if value not in (torch.float32, torch.float64):
+        raise ValueError(f"{name} must be torch.float32 or torch.float64, got {value!r}")
+
+
 def select_algorithm(table: dict, method: str, options: dict) -> Callable:
-    """The algorithm of `method` in `table`, after checking that it takes every one of `options`."""
+    """The algorithm of `method` in `table`, after checking that it takes every one of `options` and that each
+    option's value is valid (the error names the option)."""
     if method not in table:
         raise ValueError(f"method must be one of {tuple(table)}, got {method!r}")
     algorithm, accepted = table[method]
     unknown = set(options) - accepted
     if unknown:
         raise TypeError(f"option(s) {sorted(unknown)} do not apply to method={method!r}; it takes {sorted(accepted)}")
+    for name, value in options.items():
+        OPTION_CHECKS[name](name, value)
     return algorithm
 
 
 def check_estimator_options(method: str, options: dict) -> None:
     """Raise if `method` is unknown or one of `options` (besides `model_dtype` / `dtype`) does not apply to it."""
     select_algorithm(METHODS, method, {k: v for k, v in options.items() if k not in ("model_dtype", "dtype")})
+    if "dtype" in options:
+        check_dtype("dtype", options["dtype"])
 
 
 @contextmanager
@@ -86,6 +112,7 @@ def fisher_top_eigenpair(
 ) -> algorithms.TopEigenpair:
     """lambda_max(F(x_i)) with its eigenvector, residual and step count (see `algorithms.TopEigenpair`)."""
     algorithm = select_algorithm(METHODS, method, options)
+    check_dtype("dtype", dtype)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         return algorithm(op, dtype=dtype, **options)
 
@@ -113,6 +140,7 @@ def fisher_trace(
 ) -> Tensor:
     """tr F(x_i) = E_{y~p} |grad_x log p(y|x_i)|^2 for each sample, (B,)."""
     algorithm = select_algorithm(TRACE_METHODS, method, options)
+    check_dtype("dtype", dtype)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         return algorithm(op, dtype=dtype, **options).value
 
@@ -158,6 +186,7 @@ def _top_eigenvalue_score(score: Callable[[FisherOperator, Tensor], Tensor], mod
                           model_dtype: Optional[torch.dtype], dtype: torch.dtype, options: dict) -> Tensor:
     """`score(op, lambda_max)` on the operator of `model` at `inputs` (the radius, the Fisher step)."""
     algorithm = select_algorithm(METHODS, method, options)
+    check_dtype("dtype", dtype)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         return score(op, algorithm(op, dtype=dtype, **options).eigenvalue)
 
@@ -261,6 +290,7 @@ def fisher_scores(
     """Everything the Lightning layer logs, sharing one forward pass (and, for "exact", one set of VJPs);
     `margin_gradient=True` adds |grad_x (z_top1 - z_top2)| for one more VJP."""
     algorithm = select_algorithm(METHODS, method, options)
+    check_dtype("dtype", dtype)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         pair = algorithm(op, dtype=dtype, **options)
         trace = pair.trace if pair.trace is not None else algorithms.exact_trace(op, dtype=dtype).value

@@ -195,5 +195,7 @@ def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval",
                     if not torch.equal(b, saved):
                         b.copy_(saved)
             for p, grad, flag in zip(params, grads, requires_grad):
-                p.grad = grad
-                p.requires_grad_(flag)
+                if p.grad is not grad:
+                    p.grad = grad
+                if p.requires_grad != flag:  # only where changed: an inference-mode parameter refuses the call
+                    p.requires_grad_(flag)

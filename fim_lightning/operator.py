@@ -34,6 +34,8 @@ def check_inputs(inputs: object) -> Tensor:
         raise TypeError(
             f"inputs must be floating point, got {inputs.dtype} (convert images with `.float() / 255`)"
         )
+    if inputs.is_meta:
+        raise ValueError("inputs are on the meta device (shapes without data): move them to a real device first")
     if inputs.ndim < 2 or inputs.shape[0] == 0:
         raise ValueError(f"inputs must be a non-empty batch (B, ...) with B >= 1, got shape {tuple(inputs.shape)}")
     if not torch.isfinite(inputs).all():
@@ -326,9 +328,15 @@ class FisherOperator:
 
     def jvp(self, tangents: Tensor) -> Tensor:
         """J v per sample: (B, ...) -> (B, C), forward mode; the first call also records z(x)."""
-        logits, tangent, scores = torch.func.jvp(
-            self._logits_and_scores, (self.inputs,), (tangents.to(self.inputs.dtype),), has_aux=True
-        )
+        try:
+            logits, tangent, scores = torch.func.jvp(
+                self._logits_and_scores, (self.inputs,), (tangents.to(self.inputs.dtype),), has_aux=True
+            )
+        except NotImplementedError as error:
+            raise NotImplementedError(
+                f"a layer of this model has no forward-mode derivative in torch ({str(error).splitlines()[0]}); the "
+                "JVP-based methods (power, lanczos, hutchinson, the trace and spectral penalties) cannot run on "
+                "it: use method='exact' (reverse mode only)") from error
         if self._logits is None:
             self._record(logits, scores)
         return tangent
