@@ -92,13 +92,25 @@ class _CountingPredictor:
         self.eps = 0.0
         self.magnitude = 1.0  # the largest |logit| (or |log p|) answered; rounding is relative to it
 
+    def _hard_label(self, scores: Tensor, warn: bool) -> Tensor:
+        """(N,) answers that put probability exactly 1 on one class (a hard-label predictor, or a softmax
+        saturated beyond its precision): they hold nothing about the Fisher information."""
+        if self.output == "logits":
+            return torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
+        one, zero = (0.0, -math.inf) if self.output == "log_probs" else (1.0, 0.0)
+        hard = ((scores == one) | (scores == zero)).all(-1) & (scores == one).any(-1)
+        if warn:
+            warn_samples(hard, "the predictor puts probability exactly 1 on one class (a hard label, or a softmax "
+                               "saturated beyond its precision), which says nothing about the Fisher information")
+        return hard
+
     def log_probs(self, points: Tensor, warn: bool = True) -> tuple[Tensor, Tensor]:
         """log p of the points (float64) and the (N,) mask of non-finite answers."""
         parts, invalid = [], []
         with torch.no_grad():
             for chunk in points.split(self.max_batch):
                 scores = as_class_scores(self.predict(chunk), len(chunk))
-                invalid.append(check_output_values(scores, self.output, warn=warn))
+                invalid.append(check_output_values(scores, self.output, warn=warn) | self._hard_label(scores, warn))
                 self.eps = max(self.eps, effective_eps(scores))
                 finite = scores[torch.isfinite(scores)]
                 if self.output != "probs" and finite.numel():
@@ -166,8 +178,9 @@ def blackbox_fisher(
         values, failed = counter.log_probs((x + shift).flatten(0, 1), False)
         directional = (values.view(probes, batch, -1) - log_p) / h.view(1, batch, 1).to(values.dtype)
     broken = failed.view(-1, probes, batch).any(0).any(0) & ~invalid
-    warn_samples(broken, "the predictor's answer at a perturbed point is not finite")
+    warn_samples(broken, "the predictor's answer at a perturbed point is not finite (or a hard label)")
     invalid |= broken
+    invalid |= _piecewise_constant(values.view(-1, probes, batch, values.shape[-1]), log_p, invalid)
     directional = directional.masked_fill(invalid[None, :, None], 0.0)
     weights = dual_weights(log_p)[0]
     invalid |= _at_rounding_level(directional, weights, counter, h, difference, invalid)
@@ -185,6 +198,17 @@ def blackbox_fisher(
         queries=torch.full((batch,), 1 + per_probe * probes, dtype=torch.long),
         calls=counter.calls,
     )
+
+
+def _piecewise_constant(values: Tensor, log_p: Tensor, invalid: Tensor) -> Tensor:
+    """(B,) samples where some probes left every answer bit-for-bit unchanged while others moved it: the
+    predictor is piecewise constant there (a tree ensemble, a quantised model), so a difference is a jump over
+    the step, not a derivative, warned about."""
+    unchanged = (values == log_p).all(-1).all(0)  # (probes, B)
+    piecewise = unchanged.any(0) & ~unchanged.all(0) & ~invalid
+    warn_samples(piecewise, "the predictor is piecewise constant here (some probes left its answer exactly "
+                            "unchanged, others jumped): a finite difference measures a jump, not a derivative")
+    return piecewise
 
 
 def _at_rounding_level(directional: Tensor, weights: Tensor, counter: _CountingPredictor, h: Tensor,

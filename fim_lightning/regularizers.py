@@ -83,6 +83,8 @@ class FisherPenalty(nn.Module):
             return inputs.new_zeros(())
         if logits is not None and not self._reusable(model, inputs, logits):
             logits = None
+        if logits is not None:
+            self._check_logits(model, inputs, logits)
         with preserved_state(model, inputs, mode=self.mode, second_order=True) as self._passes:
             try:
                 values = self.per_sample(model, inputs.detach(), logits)
@@ -99,6 +101,22 @@ class FisherPenalty(nn.Module):
         precise = logits.is_floating_point() and torch.finfo(logits.dtype).eps <= torch.finfo(torch.float32).eps
         shaped = logits.ndim == 2 and logits.shape[0] == inputs.shape[0]
         return precise and shaped and not (self.mode == "train" and active_dropout(model))
+
+    def _check_logits(self, model: Callable, inputs: Tensor, logits: Tensor) -> None:
+        """The caller's logits must be those of `inputs`: row 0 recomputed (one sample's forward). Skipped with
+        BatchNorm batch statistics (`mode="train"`), where one row depends on the whole batch and checking it
+        would cost the forward the reuse saves."""
+        if self.mode == "train" and isinstance(model, nn.Module) and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            return
+        with preserved_state(model, inputs, mode=self.mode), torch.no_grad():
+            row = log_probs_from_output(model(inputs[:1].detach()), self.output)[0]
+        given = log_probs_from_output(logits[:1].detach(), self.output)[0]
+        gap = (row - given).abs().max().item()
+        if not gap <= 1e-3 * (1.0 + row.abs().max().item()):
+            raise ValueError(f"{type(self).__name__}: logits= are not the model's logits of `inputs` (sample 0's "
+                             f"log-probabilities differ by {gap:.3g}); pass the logits of this batch's forward pass, "
+                             "or none")
 
     def per_sample(self, model: Callable, inputs: Tensor, logits: Optional[Tensor]) -> Tensor:
         raise NotImplementedError

@@ -129,3 +129,26 @@ def test_bad_budget():
         blackbox_fisher(lambda x: x[:, :3].softmax(-1), torch.randn(2, 7), num_queries=1)
     with pytest.raises(ValueError, match="difference must be"):
         blackbox_fisher(lambda x: x[:, :3].softmax(-1), torch.randn(2, 7), difference="backward")
+
+
+def test_a_hard_label_predictor_is_refused_per_sample():
+    model = make_mlp().double()
+    x = torch.randn(3, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def hard(points):
+        return nn.functional.one_hot(model(points).argmax(1), 5).double()
+
+    with pytest.warns(RuntimeWarning, match="probability exactly 1 on one class"):
+        estimate = blackbox_fisher(hard, x)
+    assert torch.isnan(estimate.spectral_norm).all()
+
+
+def test_a_piecewise_constant_random_forest_is_refused_per_sample():
+    from sklearn.ensemble import RandomForestClassifier
+
+    data = load_iris()
+    forest = RandomForestClassifier(n_estimators=20, random_state=0).fit(data.data, data.target)
+    x = torch.from_numpy(data.data[::15]).double()
+    with pytest.warns(RuntimeWarning, match="piecewise constant|probability exactly 1|rounding level"):
+        estimate = blackbox_fisher(numpy_predictor(forest.predict_proba), x, num_queries=9)
+    assert torch.isnan(estimate.spectral_norm).all(), estimate.spectral_norm

@@ -254,3 +254,14 @@ def test_worst_direction_penalty_gradient_matches_finite_differences():
     (grad,) = torch.autograd.grad(converged(model, x), [weight])
     numeric = (_top_eigen(shifted(1, h), x)[0].mean() - _top_eigen(shifted(-1, h), x)[0].mean()) / (2 * h)
     assert (grad * direction).sum().item() == pytest.approx(numeric.item(), rel=1e-3)
+
+
+def test_kl_penalty_refuses_logits_of_other_inputs():
+    model, x = _mlp64(), _x64()
+    penalty = fl.FisherKLPenalty(weight=1.0, mode="eval")
+    with torch.no_grad():
+        own, other = model(x), model(x.flip(0))
+    again = fl.FisherKLPenalty(weight=1.0, mode="eval")  # the same seed: the same direction
+    assert penalty(model, x, logits=own).item() == pytest.approx(again(model, x).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="are not the model's logits of `inputs`"):
+        penalty(model, x, logits=other)
