@@ -1,8 +1,9 @@
 """The one state guard: every estimator runs inside it, and the caller gets back everything untouched.
 
 It owns the module training flags, BatchNorm buffers and `track_running_stats`, parameter `.grad` and
-`requires_grad`, the global RNG (CPU and CUDA), grad / inference mode, autocast, the attention kernel and
-the multi-head-attention fast path, and for second-order work the normalisation kernels. Nothing else in the package touches those things.
+`requires_grad`, the global RNG (CPU and CUDA), grad / inference mode, autocast, the attention kernel,
+the multi-head-attention fast path, and for second-order work the normalisation kernels. Nothing else in the
+package touches those things.
 
 What a forward pass means per sample is defined here too (`ForwardPasses`). In eval mode samples are
 independent. In `mode="train"` BatchNorm would couple the samples of a batch (every JVP or VJP would move

@@ -198,7 +198,8 @@ class TorchvisionDataModule(ArrayDataModule):
         raw.mkdir(parents=True, exist_ok=True)
         sources = sorted(_resolve(self.idx_dir).glob("*-ubyte.gz"))
         if not sources:
-            raise FileNotFoundError(f"no IDX *-ubyte.gz files in {_resolve(self.idx_dir)}")
+            raise FileNotFoundError(f"no IDX *-ubyte.gz files in {_resolve(self.idx_dir)}; Fashion-MNIST installs "
+                                    "offline from Debian: apt-get install dataset-fashion-mnist")
         for source in sources:
             target = raw / source.name.removesuffix(".gz")
             if not target.exists():

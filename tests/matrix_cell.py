@@ -2,8 +2,8 @@
 `python tests/matrix_cell.py OUT --precision ... --devices ... --loggers ... --penalty ... --strategy ...
 --package ...`, Lightning's own strategy starting the other processes (`ddp`, `ddp_spawn`, or FSDP2 through
 `ModelParallelStrategy`), with `pytorch_lightning` or the unified `lightning.pytorch`. What the test reads is
-written from inside the training processes (`Results.on_fit_end`), so that a spawned run reports too. The model's weights never change (SGD with lr 0, BatchNorm with
-momentum 0), so every cell must log the same Fisher numbers; the script writes what the test compares:
+written from inside the training processes (`Results.on_fit_end`), so that a spawned run reports too.
+The model's weights never change (SGD with lr 0, BatchNorm with momentum 0), so every cell must log the same Fisher numbers; the script writes what the test compares:
 `result.json` (rank 0: the callback's history, the metric per validation epoch, the logger folders),
 `penalties.pt` (rank 0: each training batch and its penalty) and `writer_calls_rank{r}.json` (every rank).
 """
@@ -171,7 +171,10 @@ def main() -> None:
     callback = fl.FisherRobustnessCallback(model_attribute="net")  # the defaults a user gets, figures on
     strategy = "auto"
     if args.devices > 1:
-        strategy = lightning.strategies.ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1) if args.strategy == "fsdp2" else args.strategy
+        strategy = args.strategy
+        if args.strategy == "fsdp2":
+            strategy = lightning.strategies.ModelParallelStrategy(data_parallel_size=args.devices,
+                                                                  tensor_parallel_size=1)
     trainer = lightning.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy,
         precision=args.precision, max_epochs=2, logger=loggers or False,
