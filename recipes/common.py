@@ -25,6 +25,15 @@ OmegaConf.register_new_resolver(
 )
 
 
+def quote_path_overrides(keys: tuple[str, ...], argv: list[str] = sys.argv) -> None:
+    """Quote `key=value` command-line overrides whose value is a path that Hydra's grammar would split (sweep job
+    folders are named `regularizer=none,seed=0`), so that `fim-evaluate run_dir=<sweep job>` works as typed."""
+    for i, argument in enumerate(argv[1:], start=1):
+        key, sep, value = argument.partition("=")
+        if sep and key.lstrip("+") in keys and value[:1] not in ("'", '"') and any(c in value for c in "=,[]{}()"):
+            argv[i] = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+
+
 def machine() -> str:
     """CPU model, cores, torch version and GPU, for the line every printed figure carries."""
     cpu = platform.processor() or platform.machine()

@@ -91,6 +91,10 @@ class ArrayDataModule(pl.LightningDataModule):
         if images.shape[1] != self.in_channels:
             raise ValueError(f"{split} images have {images.shape[1]} channels, the data config says "
                              f"in_channels={self.in_channels}")
+        labels = labels.reshape(-1)
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"{split} labels run from {labels.min().item()} to {labels.max().item()}, but the data "
+                             f"config says num_classes={self.num_classes}: set data.num_classes to the data's")
         limit = self.limit_train if split == "train" else self.limit_eval
         self.splits[split] = ImageTensors(images[:limit], labels.reshape(-1)[:limit], self.image_size)
 
@@ -141,7 +145,17 @@ class NpzDataModule(ArrayDataModule):
         return path
 
     def setup(self, stage: Optional[str] = None) -> None:
-        archive = np.load(self.resolved_path())
+        path = self.resolved_path()
+        try:
+            archive = np.load(path)
+        except (ValueError, OSError, EOFError) as error:
+            raise ValueError(f"{path}: not a NumPy .npz archive ({error})") from error
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: a single array, not a .npz archive of the MedMNIST layout")
+        missing = [f"{split}_{kind}" for split in ("train", "val", "test") for kind in ("images", "labels")
+                   if f"{split}_{kind}" not in archive.files]
+        if missing:
+            raise ValueError(f"{path}: not of the MedMNIST layout, missing arrays {missing} (it has {archive.files})")
         for split in ("train", "val", "test"):
             self._store(split, _channels_first(archive[f"{split}_images"]),
                         torch.from_numpy(archive[f"{split}_labels"].reshape(-1)))

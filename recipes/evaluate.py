@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipes.statistics import markdown, model_summaries, read_table
-from recipes.common import CONFIG_DIR, exit_on_sigterm
+from recipes.common import CONFIG_DIR, exit_on_sigterm, quote_path_overrides
 from recipes.scoring import score_split
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,16 @@ def load_net(cfg: DictConfig) -> torch.nn.Module:
     """The model of `cfg.model`, with the `net.` weights of `cfg.ckpt_path` (a fim-train checkpoint) if given."""
     net = instantiate(cfg.model)
     if cfg.ckpt_path:
-        state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+        if not Path(cfg.ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+        try:
+            checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise ValueError(f"ckpt_path={cfg.ckpt_path}: not a PyTorch checkpoint ({type(error).__name__}: "
+                             f"{error})") from error
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"ckpt_path={cfg.ckpt_path}: not a Lightning checkpoint (no `state_dict`)")
+        state = checkpoint["state_dict"]
         weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
         if not weights:
             raise ValueError(f"{cfg.ckpt_path} holds no `net.` weights: is it a fim-train checkpoint?")
@@ -41,15 +50,33 @@ def load_net(cfg: DictConfig) -> torch.nn.Module:
     return net.eval()
 
 
+def _overridden(prefix: str) -> bool:
+    """Whether the command line set `prefix` or a key under it (`evaluation=...`, `evaluate.num_samples=...`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    keys = [override.split("=", 1)[0].lstrip("+~") for override in HydraConfig.get().overrides.task]
+    return any(key == prefix or key.startswith(prefix + ".") or key.startswith(prefix + "/") for key in keys)
+
+
 def from_run_dir(cfg: DictConfig) -> DictConfig:
     """`cfg` with the data and model (its `.hydra/config.yaml`), tags and seed (its `run.yaml`) of the fim-train
-    run in `cfg.run_dir`, and its last checkpoint."""
+    run in `cfg.run_dir`, and its last checkpoint. The run's own `evaluation` and `evaluate` settings (the
+    attacks, split and sample count it was evaluated with) are taken too, unless the command line sets them."""
     run = Path(cfg.run_dir)
+    for name in (".hydra/config.yaml", "run.yaml"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"run_dir={run}: no {name}; is it a fim-train run folder?")
     trained, facts = OmegaConf.load(run / ".hydra" / "config.yaml"), OmegaConf.load(run / "run.yaml")
     with open_dict(cfg):
         cfg.data, cfg.model = trained.data, trained.model
         cfg.tags, cfg.seed = facts.tags, facts.seed
         cfg.ckpt_path = cfg.ckpt_path or str(run / "checkpoints" / "last.ckpt")
+        for key in ("evaluation", "evaluate"):
+            if trained.get(key) is not None and not _overridden(key):
+                cfg[key] = trained[key]
+                log.info(f"fim-evaluate: `{key}` as the run was evaluated with (override it on the command line)")
     return cfg
 
 
@@ -70,8 +97,13 @@ def evaluate(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     evaluate(cfg)
+
+
+def main() -> None:
+    quote_path_overrides(("run_dir", "ckpt_path"))
+    _main()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from fim_lightning.figures import overlay_curves, save
 from recipes.common import CONFIG_DIR, machine
 from recipes.evaluate import from_run_dir, load_net
 from recipes.scoring import valid_shards
+from recipes.train import DONE
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,19 @@ def unsupported(table: statistics.Table, columns: dict[str, str]) -> list[str]:
     return lines
 
 
+def unfinished(folder: Path) -> bool:
+    """A fim-train run (it has `run.yaml`) that never finished: no `done.json` (stopped by SIGTERM, or running)."""
+    return (folder / "run.yaml").exists() and not (folder / DONE).exists()
+
+
 def theory_runs(table: statistics.Table) -> dict[str, Path]:
-    """One trained run per (model, regularizer), the lowest seed with a checkpoint and its fim-train config."""
+    """One finished trained run per (model, regularizer), the lowest seed with a checkpoint and its config."""
     chosen: dict[tuple[str, str], tuple[str, Path]] = {}
     keys = set(zip(table["seed"].astype(float), table["model"], table["regularizer"], table["run"]))
     for seed, model, regularizer, run in sorted(keys):
         folder = Path(run)
+        if unfinished(folder):
+            continue
         if (folder / "checkpoints" / "last.ckpt").exists() and (folder / ".hydra" / "config.yaml").exists():
             chosen.setdefault((model, regularizer), (f"{model} / {regularizer} / seed {int(seed)}", folder))
     return dict(chosen.values())
@@ -170,12 +178,18 @@ def build_report(cfg: DictConfig) -> str:
     table = statistics.read_table(files)
     out = Path(cfg.output_dir)
     seeds = sorted(set(table["seed"].astype(int).tolist()))
+    runs = sorted(set(table["run"]))
     lines = ["# Fisher robustness report\n",
-             f"{len(files)} runs, {len(table['index'])} evaluated samples, seeds {seeds}; data: "
+             f"{len(runs)} runs, {len(table['index'])} evaluated samples, seeds {seeds}; data: "
              f"{', '.join(sorted(set(table['data'])))}. Inputs are pixels in [0, 1] with normalisation inside the "
              f"model: every score and attack is taken in that space. Machine: {machine()}.\n"]
     gaps = unsupported(table, {cfg.target: "per-sample correlations with it",
                                "pgd_linf_robust": "PGD L-inf accuracy rankings", "pgd_l2_robust": "PGD L2 accuracy rankings"})
+    stopped = [run for run in runs if unfinished(Path(run))]
+    if stopped:
+        gaps.append(f"- {len(stopped)} run(s) never finished (no `{DONE}`: stopped or still running): "
+                    f"{', '.join(run_label(Path(run)) for run in stopped[:5])}{', ...' if len(stopped) > 5 else ''}; "
+                    "their rows count, but the theory checks and the curve figure leave them out")
     if gaps:
         lines += ["## What these runs cannot support\n", *gaps, ""]
 
@@ -243,7 +257,8 @@ def build_report(cfg: DictConfig) -> str:
     if outcomes and "median lambda_max" in present:
         save(statistics.ranking_figure(summaries, "median lambda_max", outcomes[0], GROUP), out / "ranking.png")
     histories = {run_label(path.parent): path for path in sorted({p.resolve() for folder in run_folders(cfg.runs)
-                                                                  for p in folder.rglob("fim_history.json")})}
+                                                                  for p in folder.rglob("fim_history.json")})
+                 if not unfinished(path.parent)}
     if histories:
         save(overlay_curves(histories, "spectral_norm/median", "FIM curves of every run"), out / "fim_curves.png")
     text = "\n".join(lines)

@@ -13,6 +13,8 @@ plus the run's `model`, `data`, `regularizer`, `seed` and `stage`. Two levels:
 from __future__ import annotations
 
 import csv
+import hashlib
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -29,42 +31,90 @@ SCORES = ("radius", "fisher_step", "linear_step", "lambda_max", "lambda_max_blac
           "grad_norm", "clever", "margin")
 
 
+TEXT_COLUMNS = ("model", "data", "regularizer", "stage", "split", "run")
+
+
 def read_table(paths: Iterable[Path]) -> Table:
     """Concatenate evaluation CSV files into one table; numeric columns become floats.
 
-    Each file is read once (paths are resolved, so overlapping folders cannot count a run twice) and rows
-    are deduplicated by run and sample identity (`META`, split, index): the shards of one run (files under
-    `<run>/shards/`) may repeat a sample, as distributed samplers pad. Files may have different columns (a run
-    without attacks has no attack columns): missing cells are empty (NaN). A file that is not a well-formed
-    CSV raises a `ValueError` that names it. Every row carries its run folder as `run`."""
+    Each file is read once: paths are resolved (overlapping folders cannot count a run twice) and a file whose
+    bytes equal one already read (a `scores.csv` copied under another run folder) is skipped with a warning.
+    Rows are deduplicated by run and sample identity (`META`, split, index): the shards of one run (files under
+    `<run>/shards/`) may repeat a sample, as distributed samplers pad. One run and stage keep one evaluation:
+    where fim-evaluate scored a fim-train run again (`<run>/evaluate/`), the newest evaluation replaces the older
+    rows, with a warning. Files may have different columns (a run without attacks has no attack columns):
+    missing cells are empty (NaN). A file that is not a well-formed CSV, or a text cell in a numeric column,
+    raises a `ValueError` that names the file (and the column). Every row carries its run folder as `run`."""
     rows: list[dict[str, str]] = []
     names: dict[str, None] = {}
     seen: set[tuple] = set()
+    contents: dict[str, Path] = {}
+    sources: dict[tuple[str, str], dict[Path, float]] = {}
     for path in dict.fromkeys(Path(p).resolve() for p in paths):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in contents:
+            warnings.warn(f"{path} is a copy of {contents[digest]}: counted once")
+            continue
+        contents[digest] = path
         file_rows = _read_csv(path)
+        _check_numbers(path, file_rows)
         run = str(run_folder(path))
+        source = path.parent if path.parent.parent.name == "shards" else path
         for row in file_rows:
             key = (run, *(row.get(name) for name in (*META, "split", "index")))
             if key in seen and row.get("index") is not None:
                 continue
             seen.add(key)
-            rows.append({**row, "run": run})
+            rows.append({**row, "run": run, "_source": source})
+            sources.setdefault((run, row.get("stage", "")), {})[source] = path.stat().st_mtime
         names.update(dict.fromkeys(file_rows[0] if file_rows else []))
+    newest = {key: max(found, key=found.get) for key, found in sources.items()}
+    for (run, stage), found in sources.items():
+        if len(found) > 1:
+            warnings.warn(f"{run} [{stage}] was evaluated {len(found)} times ({', '.join(map(str, found))}): "
+                          f"the newest, {newest[run, stage]}, is used")
+    rows = [row for row in rows if row.pop("_source") == newest[row["run"], row.get("stage", "")]]
     if not rows:
         raise FileNotFoundError("no rows: the evaluation CSV files are missing or empty")
     table: Table = {}
     for name in [*names, "run"]:
         values = [row.get(name, "") for row in rows]
-        try:
-            table[name] = np.array([float(v) if v != "" else np.nan for v in values])
-        except ValueError:
+        if name in TEXT_COLUMNS or not all(v == "" or _is_number(v) for v in values):
             table[name] = np.array(values)
+            continue
+        table[name] = np.array([float(v) if v != "" else np.nan for v in values])
     return table
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_numbers(path: Path, rows: list[dict[str, str]]) -> None:
+    """A column (outside `TEXT_COLUMNS`) that holds numbers holds only numbers or empty cells, else a
+    `ValueError` naming the file, the line and the column."""
+    for name in rows[0] if rows else []:
+        if name in TEXT_COLUMNS:
+            continue
+        kinds = [(number, row[name], _is_number(row[name])) for number, row in enumerate(rows, start=2) if row[name]]
+        if any(numeric for _, _, numeric in kinds):
+            line, value, _ = next((entry for entry in kinds if not entry[2]), (None, None, None))
+            if line is not None:
+                raise ValueError(f"{path}: line {line}, column {name!r} holds the text {value!r} where a number "
+                                 "belongs (a damaged or hand-edited file)")
+
+
 def run_folder(path: Path) -> Path:
-    """The run a table file belongs to: `<run>/scores.csv` or `<run>/shards/<stage>/<shard>.csv`."""
-    return path.parents[2] if path.parent.parent.name == "shards" else path.parent
+    """The run a table file belongs to: `<run>/scores.csv` or `<run>/shards/<stage>/<shard>.csv`; fim-evaluate's
+    output beside a fim-train run (`<run>/evaluate/...`) belongs to that run."""
+    folder = path.parents[2] if path.parent.parent.name == "shards" else path.parent
+    if folder.name == "evaluate" and (folder.parent / "run.yaml").exists():
+        return folder.parent
+    return folder
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -143,16 +193,24 @@ def seed_bootstrap(pairs: Sequence[tuple[np.ndarray, np.ndarray]], method: Union
     return statistic, float(low), float(high)
 
 
+MIN_SAMPLES = 3
+
+
 def sample_correlations(table: Table, scores: Sequence[str] = SCORES, target: str = "min_perturbation",
                         by: Sequence[str] = ("model", "regularizer", "stage"), draws: int = 1000) -> list[dict]:
-    """Per-sample correlations of each score with `target` within each group (module docstring)."""
+    """Per-sample correlations of each score with `target` within each group (module docstring). A seed counts
+    for a score only with at least `MIN_SAMPLES` samples where both are finite (a run without the column, or
+    with too few usable samples, is neither a seed of that row nor a narrower interval)."""
     rows = []
     usable = table["correct"].astype(bool) & np.isfinite(table[target])
     for key, group in groups(select(table, usable), by).items():
-        per_seed = groups(group, ["seed"])
         for score in (s for s in scores if s in group and np.isfinite(group[s]).any()):
-            row = {**dict(zip(by, key)), "score": score, "samples": int(np.isfinite(group[score]).sum()),
-                   "seeds": len(per_seed)}
+            finite = select(group, np.isfinite(group[score]))
+            per_seed = {seed: g for seed, g in groups(finite, ["seed"]).items() if len(g[score]) >= MIN_SAMPLES}
+            if not per_seed:
+                continue
+            row = {**dict(zip(by, key)), "score": score,
+                   "samples": sum(len(g[score]) for g in per_seed.values()), "seeds": len(per_seed)}
             pairs = [(g[score], g[target]) for g in per_seed.values()]
             for method in METHODS:
                 row[method] = seed_bootstrap(pairs, method, draws)

@@ -21,7 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from fim_lightning import FisherRobustnessCallback
 from fim_lightning.figures import curves_figure, save
-from recipes.common import CONFIG_DIR, exit_on_sigterm
+from recipes.common import CONFIG_DIR, exit_on_sigterm, quote_path_overrides
 from recipes.scoring import score_split
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,23 @@ def recover_spawned_curve(trainer: pl.Trainer, fisher: FisherRobustnessCallback,
     fisher.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": "test", **row})
 
 
+TRAINER_INTEGERS = {"max_epochs": -1, "min_epochs": 0, "max_steps": -1, "log_every_n_steps": 1,
+                    "check_val_every_n_epoch": 1, "num_sanity_val_steps": -1, "accumulate_grad_batches": 1}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The integer options of the trainer and the seed, named when they are not integers (Lightning would fail
+    deep inside fit, or not at all)."""
+    for key, minimum in TRAINER_INTEGERS.items():
+        value = cfg.trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ValueError(f"trainer.{key} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+
+
 def train(cfg: DictConfig) -> dict:
+    check_config(cfg)
     output_dir = Path(cfg.trainer.default_root_dir)
     if cfg.get("skip_done") and (output_dir / DONE).exists():
         log.info(f"skipping {output_dir}: finished before ({DONE}); remove it to run the job again")
@@ -125,8 +141,13 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     train(cfg)
+
+
+def main() -> None:
+    quote_path_overrides(("ckpt_path",))
+    _main()
 
 
 if __name__ == "__main__":
