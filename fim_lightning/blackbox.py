@@ -16,8 +16,13 @@ in float16, whatever dtype its values are handed back in). On a CIFAR CNN a per-
 (|h u| 55x bigger) biased lambda_max by -10%, this one by -1% (`bench/blackbox.py`). Differences near the
 rounding level are refused per sample: where the rounding noise of the outputs (eps / 2 per log-probability
 and logit unit) carries more than 5% of the differenced energy, the sample's estimates are NaN with a
-warning that names it (a hard-label or quantised predictor, or a `step` too small for its precision). Probes are not clipped: a predictor that clips its inputs to a valid range would see a different
-direction than the one differenced, so the estimate assumes the model is defined slightly outside the data
+warning that names it (a hard-label or quantised predictor, or a `step` too small for its precision). So are
+samples whose answer is a hard label (probability exactly 1), where the predictor is piecewise constant (some
+probes leave its answer bit-identical while others jump: a tree ensemble), and, for forward differences, where
+the O(h) truncation error exceeds 5% of the quadratic form: one extra query per sample, x - h u_1, gives the
+central difference along the first probe to compare with (a `step` too large for the predictor). Probes are
+not clipped: a predictor that clips its inputs to a valid range would see a different direction than the one
+differenced, so the estimate assumes the model is defined slightly outside the data
 range (every neural network is); pass inputs away from hard bounds or accept the bias.
 
 Limit: below K ~ d the error is that of a chi-square with K degrees of freedom, median |error| about
@@ -137,8 +142,9 @@ def blackbox_fisher(
         predict: maps a float batch (N, ...) to (N, C) probabilities / logits / log-probabilities (`output`);
             called under `torch.no_grad()` only.
         inputs: the batch (B, ...).
-        num_queries: budget per sample: one query at x and two per probe (one with `difference="forward"`), so
-            min((num_queries - 1) // 2, d) probes (min(num_queries - 1, d)).
+        num_queries: budget per sample: one query at x and two per probe, so min((num_queries - 1) // 2, d)
+            probes; with `difference="forward"` one per probe and one for the truncation check,
+            min(num_queries - 2, d) probes.
         step: the length |h u| of the finite-difference displacement; default eps^(1/3) * max(1, rms(x)) with
             eps the coarser of the inputs' and the answers' precision (module docstring).
         difference: "central" (s(x + hu) - s(x - hu)) / 2h, error O(h^2), or "forward" (s(x + hu) - s(x)) / h,
@@ -157,10 +163,12 @@ def blackbox_fisher(
     if difference not in ("central", "forward"):
         raise ValueError(f"difference must be 'central' or 'forward', got {difference!r}")
     per_probe = 2 if difference == "central" else 1
-    if num_queries < 1 + per_probe:
-        raise ValueError(f"num_queries must be >= {1 + per_probe} (one query at x, {per_probe} per probe with "
-                         f"{difference} differences), got {num_queries}")
-    probes = min((num_queries - 1) // per_probe, dim)
+    check = int(difference == "forward")  # one backward query: the truncation check of forward differences
+    if num_queries < 1 + per_probe + check:
+        raise ValueError(f"num_queries must be >= {1 + per_probe + check} (one query at x, {per_probe} per probe with "
+                         f"{difference} differences{', one for the truncation check' if check else ''}), got "
+                         f"{num_queries}")
+    probes = min((num_queries - 1 - check) // per_probe, dim)
     counter = _CountingPredictor(predict, output, max_batch)
     log_p, invalid = counter.log_probs(x)
     log_p = uniform_where(invalid, log_p)
@@ -174,16 +182,22 @@ def blackbox_fisher(
         values, failed = counter.log_probs(torch.cat([(x + shift).flatten(0, 1), (x - shift).flatten(0, 1)]), False)
         values = values.view(2, probes, batch, -1)
         directional = (values[0] - values[1]) / (2 * h.view(1, batch, 1).to(values.dtype))
+        failed = failed.view(-1, batch).any(0)
     else:
-        values, failed = counter.log_probs((x + shift).flatten(0, 1), False)
+        answers, failed = counter.log_probs(torch.cat([(x + shift).flatten(0, 1), x - shift[0]]), False)
+        values, backward = answers[: probes * batch], answers[probes * batch:]
         directional = (values.view(probes, batch, -1) - log_p) / h.view(1, batch, 1).to(values.dtype)
-    broken = failed.view(-1, probes, batch).any(0).any(0) & ~invalid
+        central = (values.view(probes, batch, -1)[0] - backward) / (2 * h.view(batch, 1).to(values.dtype))
+        failed = failed[: probes * batch].view(probes, batch).any(0) | failed[probes * batch:]
+    broken = failed & ~invalid
     warn_samples(broken, "the predictor's answer at a perturbed point is not finite (or a hard label)")
     invalid |= broken
     invalid |= _piecewise_constant(values.view(-1, probes, batch, values.shape[-1]), log_p, invalid)
     directional = directional.masked_fill(invalid[None, :, None], 0.0)
     weights = dual_weights(log_p)[0]
     invalid |= _at_rounding_level(directional, weights, counter, h, difference, invalid)
+    if check:
+        invalid |= _truncated(directional[0], central.masked_fill(invalid[:, None], 0.0), weights, h, invalid)
     images = torch.einsum("kbc,nbc->nbk", weights, math.sqrt(dim) * directional)
     estimate = sketch(images, variance_factor=(dim - probes) / (dim - 1) if dim > 1 else 0.0)
     classes = log_p.shape[1]
@@ -195,9 +209,26 @@ def blackbox_fisher(
         trace_stderr=stderr,
         lower=trace / (classes - 1),
         upper=trace,
-        queries=torch.full((batch,), 1 + per_probe * probes, dtype=torch.long),
+        queries=torch.full((batch,), 1 + per_probe * probes + check, dtype=torch.long),
         calls=counter.calls,
     )
+
+
+_TRUNCATION_SHARE = 0.05
+
+
+def _truncated(forward: Tensor, central: Tensor, weights: Tensor, h: Tensor, invalid: Tensor) -> Tensor:
+    """(B,) samples whose forward differences carry an O(h) truncation error above `_TRUNCATION_SHARE` of the
+    quadratic form |W J u|^2, measured on the first probe against its central difference (O(h^2)), warned about."""
+    error = torch.einsum("kbc,bc->bk", weights, forward - central).norm(dim=1)
+    signal = torch.einsum("kbc,bc->bk", weights, central).norm(dim=1)
+    share = 2 * error / signal.clamp_min(torch.finfo(signal.dtype).tiny)  # relative error of |W d|^2
+    truncated = (share > _TRUNCATION_SHARE) & ~invalid
+    if truncated.any():
+        warn_samples(truncated, f"the forward differences' truncation error is {share[truncated].max().item():.0%} "
+                                f"of the signal at step {h.max().item():.3g} (forward and central differences "
+                                "disagree along a probe); pass a smaller `step` or difference='central'")
+    return truncated
 
 
 def _piecewise_constant(values: Tensor, log_p: Tensor, invalid: Tensor) -> Tensor:
