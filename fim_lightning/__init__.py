@@ -30,6 +30,7 @@ from fim_lightning.regularizers import (
     FisherWorstDirectionPenalty,
 )
 from fim_lightning.operator import FisherOperator
+from fim_lightning.robustness import estimated_minimal_perturbation, estimated_robust_accuracy
 from fim_lightning.writers import FigureWriter, register_figure_writer
 
 __all__ = [
@@ -48,6 +49,8 @@ __all__ = [
     "TopEigenpair",
     "TraceEstimate",
     "blackbox_fisher",
+    "estimated_minimal_perturbation",
+    "estimated_robust_accuracy",
     "blackbox_fisher_spectral_norm",
     "blackbox_fisher_trace",
     "fisher_operator",

@@ -1,0 +1,222 @@
+"""Attack-free estimates of the minimal perturbation and of robust accuracy, from the same VJPs as the Fisher.
+
+For the predicted class t and every other class k, with the margin m_k = z_t - z_k and g_k = grad_x m_k, the
+first-order distance to the boundary between t and k in the norm |.|_p is m_k / |g_k|_q, with q the dual
+norm (q = 2 for L2, q = 1 for L-inf): exact for a linear model, whose decision regions are polyhedra. The
+first-order estimate d_1 is the minimum over k (DeepFool's first step, in both norms); it takes the C - 1 VJPs
+that the exact Fisher already takes, on the recorded graph.
+
+`line_steps > 0` (the default) then follows the arg-min class's steepest direction u (u = -g / |g|_2 for L2,
+-sign(g) for L-inf, unit in the norm) to where the prediction actually changes: x + d_1 u is tested (just
+past d_1), the
+bracket is widened by doubling (at most `_EXPANSIONS` times) until the class changes, and bisected
+`line_steps` times; the estimate is the smallest tested s whose point x + s u is classified otherwise. That
+point is an adversarial example at distance s, so the estimate never exceeds the distance along u (to the
+bisection's resolution), and it equals d_1 for a linear model (to 1e-4). Where the class does not change within 2^_EXPANSIONS d_1 along u, d_1 is kept.
+Cost: one forward pass per tested point, about 12 with the default.
+
+Known bias: the estimate is the distance along one direction chosen at x. Where the nearest boundary lies along
+a direction that the gradient at x does not point to (adversarially trained models, whose margins are flat at x
+and bend further out; gradient masking; catastrophic overfitting) it overstates the distance. Inputs are not
+clipped to a data range: attacks that clip (to pixels in [0, 1]) search a smaller set. The benchmark
+`bench/tracking.py` measures the error against AutoAttack.
+
+A misclassified sample counts as not robust. A sample with a non-finite output or gradient gets NaN (warned
+about by index, as every estimator of the package) and counts as not robust.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fim_lightning.functional import fisher_operator
+from fim_lightning.algorithms import NONFINITE_JACOBIAN
+from fim_lightning.guard import Mode
+from fim_lightning.operator import FisherOperator, OutputKind, check_inputs
+from fim_lightning.validation import check_choice, check_int, check_real
+
+Norm = Literal["l2", "linf"]
+NORMS = ("l2", "linf")
+_DUAL = {"l2": 2.0, "linf": 1.0}
+_NORM_P = {"l2": 2.0, "linf": math.inf}
+
+
+def _direction(gradient: Tensor, norm: Norm) -> Tensor:
+    """The unit step (in `norm`) that decreases the margin fastest: -g / |g|_2, or -sign(g) for L-inf."""
+    if norm == "l2":
+        flat = gradient.flatten(1)
+        return -(flat / flat.norm(dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)).view_as(gradient)
+    return -gradient.sign()
+
+
+_EXPANSIONS = 3
+_BEYOND = 1e-4  # the first point tested, relative to d_1: beyond float32 rounding of the margin
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Per sample: the estimated minimal perturbation `distance` (float64, NaN where invalid), the direction
+    followed (unit in the norm), the point reached (`crossed`: it was found to be classified otherwise; without
+    the line search, x + d_1 u)."""
+
+    distance: Tensor
+    direction: Tensor
+    point: Tensor
+    crossed: Tensor
+
+
+def minimal_perturbation(op: FisherOperator, norm: Norm, line_steps: int = 8, chunk_size: Optional[int] = None,
+                         bounds: Optional[tuple[float, float]] = None) -> Perturbation:
+    """The estimate of the module docstring on an operator; with `bounds` the line search moves inside the box."""
+    log_probs = op.log_probs
+    ranked = log_probs.argsort(dim=1, descending=True)
+    top, others = ranked[:, :1], ranked[:, 1:]
+    margins = log_probs.gather(1, top) - log_probs.gather(1, others)  # z_t - z_k, exact in float64
+    eye = torch.eye(log_probs.shape[1], dtype=log_probs.dtype, device=log_probs.device)
+    cotangents = (eye[top.squeeze(1)][:, None] - eye[others]).movedim(1, 0)  # (C - 1, B, C)
+    gradients = op.screen(op.factor(cotangents, chunk_size), NONFINITE_JACOBIAN)  # (B, C - 1, ...)
+    dual = gradients.flatten(2).to(torch.float64).norm(p=_DUAL[norm], dim=2)
+    first, nearest = (margins / dual.clamp_min(torch.finfo(torch.float64).tiny)).min(dim=1)
+    rows = torch.arange(op.batch_size, device=first.device)
+    direction = _direction(gradients[rows, nearest], norm)
+    crossed = torch.zeros_like(op.invalid)
+    shape = (-1, *([1] * (op.inputs.ndim - 1)))
+    if line_steps == 0:
+        reached = op.inputs + first.to(op.inputs.dtype).view(shape) * direction
+        return Perturbation(op.nan_invalid(first), direction.detach(), reached.detach(), crossed)
+
+    def point(step: Tensor) -> Tensor:
+        moved = op.inputs + step.to(op.inputs.dtype).view(shape) * direction
+        return moved if bounds is None else moved.clamp(*bounds)
+
+    def changed(step: Tensor) -> Tensor:
+        with torch.no_grad():
+            moved = op.log_probs_at(point(step))
+        return moved.argmax(1) != top.squeeze(1)
+
+    low, high = torch.zeros_like(first), first * (1 + _BEYOND)  # just past the first-order crossing
+    crossed = changed(high)
+    for _ in range(_EXPANSIONS):
+        wider = torch.where(crossed, high, 2 * high)
+        now = changed(wider)
+        low = torch.where(crossed | ~now, torch.where(crossed, low, wider), high)
+        high, crossed = torch.where(crossed, high, wider), crossed | now
+    for _ in range(line_steps):
+        middle = (low + high) / 2
+        now = changed(middle) & crossed
+        high, low = torch.where(now, middle, high), torch.where(now | ~crossed, low, middle)
+    reached = point(torch.where(crossed, high, first)).detach()
+    if bounds is not None:  # the displacement actually made inside the box
+        high = (reached - op.inputs).flatten(1).to(torch.float64).norm(p=_NORM_P[norm], dim=1)
+    distance = torch.where(crossed, high, first)
+    return Perturbation(op.nan_invalid(distance), direction.detach(), reached, crossed & ~op.invalid)
+
+
+def _check(norm: str, line_steps: int) -> None:
+    check_choice("norm", norm, NORMS)
+    check_int("line_steps", line_steps, 0)
+
+
+def estimated_minimal_perturbation(
+    model: Callable,
+    inputs: Tensor,
+    norm: Norm = "l2",
+    *,
+    line_steps: int = 8,
+    bounds: Optional[tuple[float, float]] = None,
+    output: OutputKind = "logits",
+    mode: Optional[Mode] = None,
+    model_dtype: Optional[torch.dtype] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """(B,) estimated distance in `norm` ("l2" or "linf", in the units the model takes) from each sample to the
+    boundary of its predicted class (module docstring): the first-order step, followed along its direction to the
+    class change with `line_steps` bisections (0: the first-order step alone), inside the box `bounds` (e.g.
+    (0, 1) for pixels, as attacks clip) when given.
+
+    Example:
+        >>> import torch, fim_lightning as fl
+        >>> net = torch.nn.Linear(2, 3, bias=False)
+        >>> net.weight.data = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+        >>> x = torch.tensor([[1.0, 0.2]])   # class 0; its boundary with class 1 is x_0 = x_1
+        >>> fl.estimated_minimal_perturbation(net, x, "l2")   # |x_0 - x_1| / sqrt(2)
+        tensor([0.5657], dtype=torch.float64)
+        >>> fl.estimated_minimal_perturbation(net, x, "linf")  # |x_0 - x_1| / 2
+        tensor([0.4000], dtype=torch.float64)
+    """
+    _check(norm, line_steps)
+    check_int("chunk_size", chunk_size, 1, allow_none=True)
+    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
+        return minimal_perturbation(op, norm, line_steps, chunk_size, _check_bounds(bounds)).distance
+
+
+def _check_bounds(bounds: object) -> Optional[tuple[float, float]]:
+    if bounds is None:
+        return None
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise TypeError(f"bounds must be (low, high) or None, got {bounds!r}")
+    low, high = (check_real("bounds", value) for value in bounds)
+    if not low < high:
+        raise ValueError(f"bounds must have low < high, got {bounds!r}")
+    return low, high
+
+
+def robust_accuracy(distance: Tensor, correct: Tensor, eps: Sequence[float]) -> Tensor:
+    """(len(eps),) share of samples that are correct and farther than each eps from their class boundary
+    (float64; NaN distances count as not robust)."""
+    eps_tensor = torch.as_tensor(list(eps), dtype=torch.float64, device=distance.device)
+    robust = correct[None, :] & (distance[None, :].to(torch.float64) > eps_tensor[:, None])
+    return robust.to(torch.float64).mean(dim=1)
+
+
+def check_eps(eps: object) -> list[float]:
+    """A non-empty sequence of finite radii >= 0."""
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        eps = [eps]
+    if not isinstance(eps, Sequence) or isinstance(eps, str) or not eps:
+        raise TypeError(f"eps must be a radius or a non-empty sequence of radii, got {eps!r}")
+    return [check_real("eps", value, 0.0) for value in eps]
+
+
+def estimated_robust_accuracy(
+    model: Callable,
+    inputs: Tensor,
+    labels: Tensor,
+    eps: Sequence[float],
+    norm: Norm = "l2",
+    **options,
+) -> Tensor:
+    """(len(eps),) estimated share of samples classified correctly and keeping their class within the eps-ball
+    in `norm` (pixels as the model takes them), from `estimated_minimal_perturbation` (same options).
+
+    Example:
+        >>> import torch, fim_lightning as fl
+        >>> net = torch.nn.Linear(1, 2)
+        >>> net.weight.data, net.bias.data = torch.tensor([[1.0], [-1.0]]), torch.zeros(2)  # boundary x = 0
+        >>> x, y = torch.tensor([[-0.3], [0.1], [0.5]]), torch.tensor([0, 0, 0])
+        >>> fl.estimated_robust_accuracy(net, x, y, eps=[0.0, 0.2], norm="linf")
+        tensor([0.6667, 0.3333], dtype=torch.float64)
+    """
+    radii = check_eps(eps)
+    check_inputs(inputs)
+    if not isinstance(labels, Tensor) or labels.shape != inputs.shape[:1] or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor of shape ({inputs.shape[0]},), got "
+                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+    unknown = set(options) - {"line_steps", "bounds", "output", "mode", "model_dtype", "chunk_size"}
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; estimated_robust_accuracy takes line_steps, bounds, "
+                        "output, mode, model_dtype, chunk_size")
+    line_steps = options.pop("line_steps", 8)
+    _check(norm, line_steps)
+    check_int("chunk_size", options.get("chunk_size"), 1, allow_none=True)
+    with fisher_operator(model, inputs, output=options.get("output", "logits"), mode=options.get("mode"),
+                         model_dtype=options.get("model_dtype")) as op:
+        distance = minimal_perturbation(op, norm, line_steps, options.get("chunk_size"),
+                                        _check_bounds(options.get("bounds"))).distance
+        correct = op.log_probs.argmax(1) == labels.to(op.log_probs.device)
+    return robust_accuracy(distance, correct & torch.isfinite(distance), radii)
+

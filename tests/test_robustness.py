@@ -1,0 +1,123 @@
+"""Estimated minimal perturbation and robust accuracy against independent references: the closed form of a linear
+model in both norms, and a trained network's minimal perturbations found by an attack (FAB, AutoAttack's
+minimum-norm attack, from the reference `pyautoattack` package)."""
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+import fim_lightning as fl
+from fim_lightning.robustness import minimal_perturbation
+
+
+def _linear(classes=5, dim=6, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(dim, classes).double()
+
+
+def _closed_form(model, x, norm):
+    """min over k != t of (z_t - z_k) / |w_t - w_k|_dual: the distance to the polyhedral region's boundary."""
+    z = model(x).detach()
+    t = z.argmax(1)
+    w = model.weight.detach()
+    dual = 2 if norm == "l2" else 1
+    out = []
+    for i in range(len(x)):
+        steps = [(z[i, t[i]] - z[i, k]) / (w[t[i]] - w[k]).norm(p=dual) for k in range(len(w)) if k != t[i]]
+        out.append(min(steps))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_linear_model_distance_is_the_closed_form_and_its_point_is_on_the_boundary(norm):
+    model = _linear()
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = _closed_form(model, x, norm)
+    first = fl.estimated_minimal_perturbation(model, x, norm, line_steps=0)
+    torch.testing.assert_close(first, expected, rtol=1e-12, atol=0)
+    searched = fl.estimated_minimal_perturbation(model, x, norm)
+    torch.testing.assert_close(searched, expected, rtol=2e-4, atol=0)
+    with fl.preserved_state(model, x):
+        found = minimal_perturbation(fl.FisherOperator(model, x), norm)
+    assert found.crossed.all()
+    t = model(x).argmax(1)
+    inside = x + (found.distance * (1 - 1e-3))[:, None] * found.direction  # the search stops 1e-4 past it
+    assert (model(inside).argmax(1) == t).all() and (model(found.point).argmax(1) != t).all()
+    assert torch.allclose(found.direction.norm(p=2 if norm == "l2" else float("inf"), dim=1),
+                          torch.ones(16, dtype=torch.float64))
+
+
+def test_linear_model_robust_accuracy_is_the_closed_form():
+    model = _linear()
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    labels = model(x).argmax(1)
+    labels[::4] = (labels[::4] + 1) % 5  # a quarter misclassified
+    eps = [0.0, 0.05, 0.2, 1.0]
+    for norm in ("l2", "linf"):
+        distance = _closed_form(model, x, norm)
+        correct = model(x).argmax(1) == labels
+        expected = torch.tensor([(correct & (distance > e)).double().mean().item() for e in eps], dtype=torch.float64)
+        got = fl.estimated_robust_accuracy(model, x, labels, eps, norm, line_steps=0)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got[0].item() == pytest.approx(0.75)
+
+
+@pytest.fixture(scope="module")
+def trained_digits_net():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        i = torch.randint(0, 1400, (64,), generator=generator)
+        loss = nn.functional.cross_entropy(net(x[i]), y[i])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.eval().requires_grad_(False)
+    test_x, test_y = x[1400:1500], y[1400:1500]
+    keep = net(test_x).argmax(1) == test_y
+    return net, test_x[keep][:60], test_y[keep][:60]
+
+
+@pytest.mark.parametrize("norm, fab_norm", [("l2", "L2"), ("linf", "Linf")])
+def test_trained_network_distance_matches_the_minimum_norm_attack(trained_digits_net, norm, fab_norm):
+    from pyautoattack.fab_pt import FABAttack_PT
+
+    net, x, y = trained_digits_net
+    fab = FABAttack_PT(net, norm=fab_norm, n_restarts=1, n_iter=200, eps=100.0, seed=0, device="cpu")
+    adversarial = fab.attack_single_run(x, y)
+    assert (net(adversarial).argmax(1) != y).all()
+    reference = (adversarial - x).flatten(1).norm(p=2 if norm == "l2" else float("inf"), dim=1).numpy()
+    estimate = fl.estimated_minimal_perturbation(net, x, norm, bounds=(0.0, 1.0)).numpy()
+    error = np.abs(np.log(estimate / reference))
+    assert np.median(error) <= 0.02 and np.quantile(error, 0.9) <= 0.1, (np.median(error), np.quantile(error, 0.9))
+    assert spearmanr(estimate, reference)[0] >= 0.98
+    with fl.preserved_state(net, x):
+        found = minimal_perturbation(fl.FisherOperator(net, x), norm, bounds=(0.0, 1.0))
+    assert found.crossed.all() and (net(found.point).argmax(1) != y).all()  # each estimate: an adversarial point
+    assert ((found.point >= 0) & (found.point <= 1)).all()
+    shift = (found.point - x).flatten(1).norm(p=2 if norm == "l2" else float("inf"), dim=1).double()
+    torch.testing.assert_close(shift, found.distance, rtol=1e-6, atol=0)
+
+
+def test_bad_arguments_are_named():
+    model, x = _linear(), torch.randn(3, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        fl.estimated_minimal_perturbation(model, x, "l1")
+    with pytest.raises(ValueError, match="line_steps must be >= 0"):
+        fl.estimated_minimal_perturbation(model, x, line_steps=-1)
+    with pytest.raises(ValueError, match="bounds must have low < high"):
+        fl.estimated_minimal_perturbation(model, x, bounds=(1.0, 0.0))
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        fl.estimated_robust_accuracy(model, x, torch.zeros(3, dtype=torch.long), [-0.1])
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor of shape \(3,\)"):
+        fl.estimated_robust_accuracy(model, x, torch.zeros(4, dtype=torch.long), [0.1])
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['top_k'\]"):
+        fl.estimated_robust_accuracy(model, x, torch.zeros(3, dtype=torch.long), [0.1], top_k=3)
