@@ -5,7 +5,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -21,10 +21,27 @@ from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_op
 from fim_lightning.guard import forked_rng
 from fim_lightning.operator import OUTPUT_KINDS, OutputKind
 from fim_lightning.reductions import SUMMARY, summarize
+from fim_lightning.robustness import NORMS, check_bounds, check_eps, robust_distances
 from fim_lightning.validation import check_bool, check_choice, check_int, check_str
 
 _SCORES = ("spectral_norm", "trace", "radius")
 INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values", "img", "data")
+LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+DEFAULT_EPS: dict[str, tuple[float, ...]] = {"l2": (0.25, 0.5), "linf": (2 / 255, 8 / 255)}
+
+
+def eps_key(prefix: str, norm: str, radius: float) -> str:
+    """`{prefix}/robust_accuracy/{norm}/{radius}`, the radius with 4 significant digits (8/255: 0.03137)."""
+    return f"{prefix}/robust_accuracy/{norm}/{radius:.4g}"
+
+
+def _check_eps(eps: Any) -> dict[str, tuple[float, ...]]:
+    if not isinstance(eps, Mapping):
+        raise TypeError(f"eps must be a mapping from norm ({NORMS}) to radii, e.g. {DEFAULT_EPS}, got {eps!r}")
+    unknown = set(eps) - set(NORMS)
+    if unknown:
+        raise ValueError(f"eps keys must be norms in {NORMS}, got {sorted(unknown)}")
+    return {norm: tuple(check_eps(eps[norm])) for norm in NORMS if norm in eps}
 
 
 def _first_loader(loaders: Any) -> Any:
@@ -81,6 +98,16 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         log_figures: log the histogram, curves and eigenvector images.
         num_eigenvectors: how many top eigenvectors to show.
         prefix: namespace of the logged keys.
+        eps: radii per norm for the estimated robust accuracy (`fim_lightning.estimated_robust_accuracy`), e.g.
+            ``{"l2": [0.25, 0.5], "linf": [2/255, 8/255]}`` (the default, `None`), in the units the model takes;
+            logged as ``{prefix}/accuracy`` and ``{prefix}/robust_accuracy/{norm}/{eps}`` (eps with 4 significant
+            digits). ``{}`` turns it off. Needs the probes' labels.
+        label_key: where the label sits in a sample: default the second element of a tuple, or for a dict the
+            first of ``LABEL_KEYS`` it has. Without labels the default `eps` is skipped with a warning; an
+            explicit `eps` raises.
+        input_bounds: the box the inputs live in (e.g. ``(0.0, 1.0)`` for pixels), kept by the robustness
+            estimate's line search as attacks keep it; default none.
+        line_steps: bisection steps of the robustness estimate's line search (0: the first-order step alone).
     """
 
     def __init__(
@@ -99,6 +126,10 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         log_figures: bool = True,
         num_eigenvectors: int = 4,
         prefix: str = "fim",
+        eps: Optional[Mapping[str, Sequence[float]]] = None,
+        label_key: Optional[Union[int, str]] = None,
+        input_bounds: Optional[tuple[float, float]] = None,
+        line_steps: int = 8,
     ) -> None:
         options = dict(estimator_options or {})
         try:
@@ -117,6 +148,11 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             check_bool("log_figures", log_figures)
             check_int("num_eigenvectors", num_eigenvectors, 0)
             check_str("prefix", prefix)
+            radii = _check_eps(DEFAULT_EPS if eps is None else eps)
+            if label_key is not None and (isinstance(label_key, bool) or not isinstance(label_key, (int, str))):
+                raise TypeError(f"label_key must be an int, a str or None, got {label_key!r}")
+            check_bounds(input_bounds)
+            check_int("line_steps", line_steps, 0)
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"FisherRobustnessCallback: {error}") from error
         self.num_samples = num_samples
@@ -133,12 +169,19 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         self.log_figures = log_figures
         self.num_eigenvectors = num_eigenvectors
         self.prefix = prefix
+        self.eps = radii
+        self.label_key = label_key
+        self.input_bounds = None if input_bounds is None else tuple(input_bounds)
+        self.line_steps = line_steps
+        self._labels_required = eps is not None and bool(radii)
         self.history: list[dict[str, float]] = []
         self._probe_inputs: Optional[Tensor] = None
         self._probe_indices: Optional[Tensor] = None
+        self._probe_labels: Optional[Tensor] = None
         self._generator_state: Tensor = torch.Generator().manual_seed(seed).get_state()
         self._last_step = -1
         self._unverified_probes = False
+        self._labels_checked = False
         self._latest: Optional[writers.Snapshot] = None
 
     @property
@@ -161,8 +204,19 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         if self._probe_inputs is not None and self._unverified_probes:
             self._check_saved_probes(trainer, pl_module)
         if self._probe_inputs is None:
-            self._probe_inputs, self._probe_indices = self._draw_probe_set(self._held_out_data(trainer, pl_module))
+            data = self._held_out_data(trainer, pl_module)
+            self._probe_inputs, self._probe_labels, self._probe_indices = self._draw_probe_set(data)
             self._check_model_output(pl_module)
+        elif self.eps and self._probe_labels is None and not self._labels_checked:
+            self._probe_labels = self._labels_at_indices(self._held_out_data(trainer, pl_module))
+        if self.eps and self._probe_labels is None and not self._labels_checked:
+            if self._labels_required:
+                raise MisconfigurationException(
+                    "FisherRobustnessCallback: eps= asks for robust accuracy, but the held-out samples carry no label "
+                    f"(label_key={self.label_key!r}); pass label_key=, or eps={{}}")
+            rank_zero_warn("FisherRobustnessCallback: the held-out samples carry no labels, so the robust accuracy "
+                           "is not logged; pass label_key= (or eps={} to silence this)")
+        self._labels_checked = True
 
     def _check_model_output(self, pl_module: pl.LightningModule) -> None:
         """One forward of two probes: the output must be (B, C) class scores with C >= 2."""
@@ -218,8 +272,9 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         draw = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
         return draw[: self.num_samples].sort().values
 
-    def _draw_probe_set(self, data: Union[DataLoader, Dataset]) -> tuple[Tensor, Tensor]:
-        """`num_samples` inputs drawn once with `seed`; the global RNG is forked (transforms, iterators draw from it)."""
+    def _draw_probe_set(self, data: Union[DataLoader, Dataset]) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        """`num_samples` inputs (and labels, where the samples hold them) drawn once with `seed`; the global RNG is
+        forked (transforms, iterators draw from it)."""
         dataset = data.dataset if isinstance(data, DataLoader) else data
         with forked_rng():
             if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
@@ -227,18 +282,57 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
                 if size == 0:
                     raise MisconfigurationException("FisherRobustnessCallback: the held-out dataset is empty")
                 indices = self._draw_indices(size)
-                inputs = torch.stack([self._input_of(dataset[i]) for i in indices.tolist()])
+                items = [dataset[i] for i in indices.tolist()]
+                inputs = torch.stack([self._input_of(item) for item in items])
+                labels = [self._label_of(item) for item in items]
+                labels = torch.stack(labels) if all(label is not None for label in labels) else None
             else:
                 loader = data if isinstance(data, DataLoader) else DataLoader(dataset, batch_size=self.batch_size)
-                batches, count = [], 0
+                batches, label_batches, count = [], [], 0
                 for batch in loader:
                     batches.append(self._input_of(batch))
+                    label_batches.append(self._label_of(batch))
                     count += len(batches[-1])
                     if count >= self.num_samples:
                         break
                 inputs = torch.cat(batches)[: self.num_samples]
+                labels = (torch.cat(label_batches)[: self.num_samples]
+                          if all(label is not None for label in label_batches) else None)
                 indices = torch.arange(len(inputs))
-        return inputs.float().contiguous(), indices
+        return inputs.float().contiguous(), labels, indices
+
+    def _labels_at_indices(self, data: Union[DataLoader, Dataset]) -> Optional[Tensor]:
+        """The labels of the saved probes (a checkpoint from before labels were kept), from a map-style dataset."""
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            return None
+        with forked_rng():
+            labels = [self._label_of(dataset[i]) for i in self._probe_indices.tolist()]
+        return torch.stack(labels) if all(label is not None for label in labels) else None
+
+    def _label_of(self, item: Any) -> Optional[Tensor]:
+        """The integer label(s) of a sample or batch, or None where it holds none."""
+        value = None
+        if isinstance(item, Mapping):
+            key = self.label_key if self.label_key is not None else next((k for k in LABEL_KEYS if k in item), None)
+            if self.label_key is not None and self.label_key not in item:
+                raise MisconfigurationException(
+                    f"FisherRobustnessCallback: label_key={self.label_key!r} is not a key of the held-out samples; "
+                    f"their keys are {list(item)}")
+            value = item[key] if key is not None else None
+        elif isinstance(item, (tuple, list)):
+            index = 1 if self.label_key is None else self.label_key
+            value = item[index] if isinstance(index, int) and -len(item) <= index < len(item) else None
+        if value is None:
+            return None
+        value = torch.as_tensor(value)
+        if value.is_floating_point() or value.is_complex():
+            if self.label_key is not None:
+                raise MisconfigurationException(
+                    f"FisherRobustnessCallback: the labels at label_key={self.label_key!r} must be integer class "
+                    f"indices, got {value.dtype}")
+            return None
+        return value.long()
 
     def _input_of(self, item: Any) -> Tensor:
         value = self._find_input(item)
@@ -339,11 +433,13 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         self._ensure_probe_set(trainer, pl_module)
         world, rank = trainer.world_size, trainer.global_rank
         share = self._probe_inputs[rank::world]
-        local, vectors, predictions = self._score_share(share, pl_module)
+        share_labels = self._probe_labels[rank::world] if self._probe_labels is not None else None
+        local, vectors, predictions = self._score_share(share, pl_module, share_labels)
         values = self._gather(trainer, local, len(self._probe_inputs), world)
         stats = {}
         for column, name in enumerate(_SCORES):
             stats.update(summarize(values[:, column], f"{self.prefix}/{name}"))
+        stats.update(self._robustness_statistics(values))
         stage = trainer.state.fn.value
         record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": stage, **stats}
         self.history.append(record)
@@ -357,10 +453,26 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             eigenvalues=shown[:, 0], history=list(self.history), curve_keys=self._curve_keys(),
             inputs=share[: len(vectors)].cpu(), radii=shown[:, 2], predictions=predictions,
             run=_run_name(trainer),
+            robust_accuracy={norm: [(radius, stats[eps_key(self.prefix, norm, radius)]) for radius in radii]
+                             for norm, radii in self.eps.items() if eps_key(self.prefix, norm, radii[0]) in stats},
+            robust_keys=[key for key in stats if key.startswith(f"{self.prefix}/robust_accuracy/")],
         )
         self._write_figures(trainer, "on_score")
         if trainer.state.fn != TrainerFn.FITTING:
             self._write_figures(trainer, "on_end")
+        return stats
+
+    def _robustness_statistics(self, values: Tensor) -> dict[str, float]:
+        """`{prefix}/accuracy` and `{prefix}/robust_accuracy/{norm}/{eps}` from the gathered columns (a probe is
+        robust at eps if correct and its estimated distance exceeds eps; NaN distances are not robust)."""
+        if values.shape[1] == len(_SCORES):
+            return {}
+        correct = values[:, len(_SCORES)] > 0.5
+        stats = {f"{self.prefix}/accuracy": correct.double().mean().item()}
+        for offset, (norm, radii) in enumerate(self.eps.items(), start=len(_SCORES) + 1):
+            for radius in radii:
+                robust = correct & (values[:, offset] > radius)
+                stats[eps_key(self.prefix, norm, radius)] = robust.double().mean().item()
         return stats
 
     def logged_key(self, key: str, stage: str) -> str:
@@ -385,9 +497,14 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         except Exception as error:  # never hide the exception that stopped the run
             warnings.warn(f"FisherRobustnessCallback could not write its figures after {exception!r}: {error!r}")
 
-    def _score_share(self, share: Tensor, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor, Tensor]:
-        """(n, 3) spectral norm, trace, radius of this rank's probes, and its first top eigenvectors with
-        their predicted classes."""
+    def _share_labels(self, labels: Optional[Tensor]) -> Optional[Tensor]:
+        return labels if self.eps else None
+
+    def _score_share(self, share: Tensor, pl_module: pl.LightningModule,
+                     share_labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(n, 3) spectral norm, trace, radius of this rank's probes (with labels and `eps`: then whether each is
+        correct and its estimated distance per norm), and its first top eigenvectors with their predicted
+        classes."""
         options = dict(self.estimator_options)
         generator = None
         if "generator" in METHODS[self.method][1]:
@@ -395,18 +512,25 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             generator.set_state(self._generator_state)
             options["generator"] = generator
         columns, vectors, predictions = [], [], []
-        for chunk in share.split(self.batch_size):
-            scores = fisher_scores(
-                self._scored_model(pl_module), chunk.to(pl_module.device), self.method, output=self.output,
-                mode="eval", **options,
-            )
-            columns.append(torch.stack([scores.spectral_norm, scores.trace, scores.radius], dim=1).double())
+        labels = self._share_labels(share_labels)
+        for start in range(0, len(share), self.batch_size):
+            chunk = share[start: start + self.batch_size].to(pl_module.device)
+            model = self._scored_model(pl_module)
+            scores = fisher_scores(model, chunk, self.method, output=self.output, mode="eval", **options)
+            column = [scores.spectral_norm, scores.trace, scores.radius]
+            if labels is not None:
+                distances = robust_distances(model, chunk, tuple(self.eps), output=self.output, mode="eval",
+                                             line_steps=self.line_steps, bounds=self.input_bounds)
+                correct = scores.prediction == labels[start: start + self.batch_size].to(scores.prediction.device)
+                column += [correct.to(torch.float64), *(distances[norm] for norm in self.eps)]
+            columns.append(torch.stack([c.to(torch.float64) for c in column], dim=1))
             wanted = self.num_eigenvectors - sum(len(v) for v in vectors)
             vectors.append(scores.eigenvector[:wanted].cpu())
             predictions.append(scores.prediction[:wanted].cpu())
         if generator is not None:
             self._generator_state = generator.get_state()
-        local = torch.cat(columns) if columns else torch.zeros(0, len(_SCORES), dtype=torch.float64)
+        width = len(_SCORES) + (1 + len(self.eps) if labels is not None else 0)
+        local = torch.cat(columns) if columns else torch.zeros(0, width, dtype=torch.float64)
         if not vectors:
             return local.to(pl_module.device), torch.zeros(0), torch.zeros(0, dtype=torch.long)
         return local.to(pl_module.device), torch.cat(vectors), torch.cat(predictions)
@@ -432,6 +556,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             "seed": self.seed,
             "probe_inputs": self._probe_inputs,
             "probe_indices": self._probe_indices,
+            "probe_labels": self._probe_labels,
             "history": list(self.history),
             "generator_state": self._generator_state,
             "last_step": self._last_step,
@@ -465,6 +590,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             return
         self._probe_inputs = probes
         self._probe_indices = state_dict["probe_indices"]
+        self._probe_labels = state_dict.get("probe_labels")  # absent before labels were kept: read at first use
         self.history = list(state_dict["history"])
         self._generator_state = state_dict["generator_state"]
         self._last_step = state_dict["last_step"]

@@ -44,8 +44,10 @@ def histogram_figure(values: Tensor, label: str, title: str = "") -> Figure:
     return figure
 
 
-def curves_figure(history: Sequence[dict], keys: Sequence[str], label: str, title: str = "") -> Figure:
-    """One line per key of the (training) history records, against their global step; `title` names the run."""
+def curves_figure(history: Sequence[dict], keys: Sequence[str], label: str, title: str = "",
+                  log: bool = True) -> Figure:
+    """One line per key of the (training) history records, against their global step; `title` names the run;
+    `log=False` for a share in [0, 1] (robust accuracy) on a linear axis."""
     figure = new_figure()
     ax = figure.add_subplot()
     records = [record for record in history if all(key in record for key in keys)]
@@ -53,6 +55,9 @@ def curves_figure(history: Sequence[dict], keys: Sequence[str], label: str, titl
     for key in keys:
         ax.plot(steps, [record[key] for record in records], marker="o", label=key)
     _style_curves(ax, label, title)
+    if not log:
+        ax.set_yscale("linear")
+        ax.set_ylim(-0.02, 1.02)
     return figure
 
 

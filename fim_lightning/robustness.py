@@ -69,18 +69,37 @@ class Perturbation:
     crossed: Tensor
 
 
-def minimal_perturbation(op: FisherOperator, norm: Norm, line_steps: int = 8, chunk_size: Optional[int] = None,
-                         bounds: Optional[tuple[float, float]] = None) -> Perturbation:
-    """The estimate of the module docstring on an operator; with `bounds` the line search moves inside the box."""
+@dataclass(frozen=True)
+class MarginGradients:
+    """The predicted class t, the other classes (B, C - 1) by probability, their margins z_t - z_k (float64) and
+    gradients grad_x (z_t - z_k) (B, C - 1, ...): C - 1 VJPs on the operator's recorded graph."""
+
+    top: Tensor
+    others: Tensor
+    margins: Tensor
+    gradients: Tensor
+
+
+def margin_gradients(op: FisherOperator, chunk_size: Optional[int] = None) -> MarginGradients:
     log_probs = op.log_probs
     ranked = log_probs.argsort(dim=1, descending=True)
-    top, others = ranked[:, :1], ranked[:, 1:]
-    margins = log_probs.gather(1, top) - log_probs.gather(1, others)  # z_t - z_k, exact in float64
+    top, others = ranked[:, 0], ranked[:, 1:]
+    margins = log_probs.gather(1, top[:, None]) - log_probs.gather(1, others)  # z_t - z_k, exact in float64
     eye = torch.eye(log_probs.shape[1], dtype=log_probs.dtype, device=log_probs.device)
-    cotangents = (eye[top.squeeze(1)][:, None] - eye[others]).movedim(1, 0)  # (C - 1, B, C)
-    gradients = op.screen(op.factor(cotangents, chunk_size), NONFINITE_JACOBIAN)  # (B, C - 1, ...)
+    cotangents = (eye[top][:, None] - eye[others]).movedim(1, 0)  # (C - 1, B, C)
+    gradients = op.screen(op.factor(cotangents, chunk_size), NONFINITE_JACOBIAN)
+    return MarginGradients(top, others, margins, gradients)
+
+
+def minimal_perturbation(op: FisherOperator, norm: Norm, line_steps: int = 8, chunk_size: Optional[int] = None,
+                         bounds: Optional[tuple[float, float]] = None,
+                         margins: Optional[MarginGradients] = None) -> Perturbation:
+    """The estimate of the module docstring on an operator; with `bounds` the line search moves inside the box.
+    `margins` (from `margin_gradients`) are reused where given, so several norms share the VJPs."""
+    found = margins if margins is not None else margin_gradients(op, chunk_size)
+    top, gradients = found.top[:, None], found.gradients
     dual = gradients.flatten(2).to(torch.float64).norm(p=_DUAL[norm], dim=2)
-    first, nearest = (margins / dual.clamp_min(torch.finfo(torch.float64).tiny)).min(dim=1)
+    first, nearest = (found.margins / dual.clamp_min(torch.finfo(torch.float64).tiny)).min(dim=1)
     rows = torch.arange(op.batch_size, device=first.device)
     direction = _direction(gradients[rows, nearest], norm)
     crossed = torch.zeros_like(op.invalid)
@@ -114,6 +133,19 @@ def minimal_perturbation(op: FisherOperator, norm: Norm, line_steps: int = 8, ch
         high = (reached - op.inputs).flatten(1).to(torch.float64).norm(p=_NORM_P[norm], dim=1)
     distance = torch.where(crossed, high, first)
     return Perturbation(op.nan_invalid(distance), direction.detach(), reached, crossed & ~op.invalid)
+
+
+def robust_distances(model: Callable, inputs: Tensor, norms: Sequence[Norm], *, line_steps: int = 8,
+                     bounds: Optional[tuple[float, float]] = None, output: OutputKind = "logits",
+                     mode: Optional[Mode] = None, model_dtype: Optional[torch.dtype] = None,
+                     chunk_size: Optional[int] = None) -> dict[str, Tensor]:
+    """`estimated_minimal_perturbation` in each of `norms`, sharing one forward pass and the C - 1 VJPs."""
+    for norm in norms:
+        _check(norm, line_steps)
+    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
+        found = margin_gradients(op, chunk_size)
+        return {norm: minimal_perturbation(op, norm, line_steps, chunk_size, check_bounds(bounds), found).distance
+                for norm in norms}
 
 
 def _check(norm: str, line_steps: int) -> None:
@@ -151,10 +183,10 @@ def estimated_minimal_perturbation(
     _check(norm, line_steps)
     check_int("chunk_size", chunk_size, 1, allow_none=True)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
-        return minimal_perturbation(op, norm, line_steps, chunk_size, _check_bounds(bounds)).distance
+        return minimal_perturbation(op, norm, line_steps, chunk_size, check_bounds(bounds)).distance
 
 
-def _check_bounds(bounds: object) -> Optional[tuple[float, float]]:
+def check_bounds(bounds: object) -> Optional[tuple[float, float]]:
     if bounds is None:
         return None
     if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
@@ -216,7 +248,7 @@ def estimated_robust_accuracy(
     with fisher_operator(model, inputs, output=options.get("output", "logits"), mode=options.get("mode"),
                          model_dtype=options.get("model_dtype")) as op:
         distance = minimal_perturbation(op, norm, line_steps, options.get("chunk_size"),
-                                        _check_bounds(options.get("bounds"))).distance
+                                        check_bounds(options.get("bounds"))).distance
         correct = op.log_probs.argmax(1) == labels.to(op.log_probs.device)
     return robust_accuracy(distance, correct & torch.isfinite(distance), radii)
 

@@ -13,7 +13,7 @@ Writers run on global rank 0 only and reach no collective. Register a writer for
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class Snapshot:
         radii: (k,) their robustness radii.
         predictions: (k,) their predicted classes.
         run: the run's name for figure titles.
+        robust_accuracy: per norm, the (eps, estimated robust accuracy) pairs of this evaluation (empty without
+            labels or `eps`).
+        robust_keys: the history keys of the robust accuracy curves.
     """
 
     prefix: str
@@ -55,6 +58,8 @@ class Snapshot:
     radii: Tensor
     predictions: Tensor
     run: str = ""
+    robust_accuracy: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    robust_keys: list[str] = field(default_factory=list)
 
 
 class FigureWriter:
@@ -83,6 +88,17 @@ class WandbMedia(FigureWriter):
             ),
             "trainer/global_step": snapshot.step,
         }
+        for norm, pairs in snapshot.robust_accuracy.items():
+            media[f"{snapshot.prefix}/robust_accuracy_vs_eps/{norm}"] = wandb.plot.line_series(
+                xs=[radius for radius, _ in pairs], ys=[[accuracy for _, accuracy in pairs]], keys=[norm],
+                title=f"estimated robust accuracy ({norm}), step {snapshot.step}", xname=f"eps ({norm})",
+            )
+        if snapshot.robust_keys:
+            media[f"{snapshot.prefix}/robust_curves"] = wandb.plot.line_series(
+                xs=[record["step"] for record in history],
+                ys=[[record.get(key, float("nan")) for record in history] for key in snapshot.robust_keys],
+                keys=snapshot.robust_keys, title="estimated robust accuracy", xname="global_step",
+            )
         if figures.is_image_batch(snapshot.eigenvectors) and len(snapshot.eigenvectors):
             media[f"{snapshot.prefix}/eigenvectors"] = [
                 wandb.Image(image, caption=f"class {int(predicted)}, lambda_max {value:.3g}, radius {radius:.3g} "
@@ -116,6 +132,9 @@ class PngFiles(FigureWriter):
                      folder / f"histogram_step{snapshot.step}.png")
         figures.save(figures.curves_figure(snapshot.history, snapshot.curve_keys, label, snapshot.run),
                      folder / "curves.png")
+        if snapshot.robust_keys:
+            figures.save(figures.curves_figure(snapshot.history, snapshot.robust_keys, "estimated robust accuracy",
+                                               snapshot.run, log=False), folder / "robust_accuracy.png")
         if len(snapshot.eigenvectors):
             figures.save(figures.eigenvector_figure(snapshot.eigenvectors, snapshot.eigenvalues, snapshot.inputs,
                                                     snapshot.radii, snapshot.predictions),

@@ -109,6 +109,7 @@ class ResultsHooks:
         if rank == 0:
             torch.save(pl_module.penalty.records, self.out / "penalties.pt")
             torch.save(self.fisher.state_dict()["probe_inputs"], self.out / "probes.pt")
+            torch.save(self.fisher.state_dict()["probe_labels"], self.out / "labels.pt")
             result = {"history": self.fisher.history, "val_fim": self.values,
                       "loggers": logger_folders(self.loggers), "world_size": trainer.world_size}
             (self.out / "result.json").write_text(json.dumps(result, indent=1))

@@ -48,7 +48,7 @@ from PIL import Image
 
 import fim_lightning as fl
 from fim_lightning import figures
-from fim_lightning.callback import _SCORES
+from fim_lightning.callback import _SCORES, DEFAULT_EPS, eps_key
 from fim_lightning.reductions import summarize
 from tests.matrix_cell import PENALTIES, build_net, images
 
@@ -88,11 +88,15 @@ def reference(tmp_path_factory):
     return run_cell("A", out), out
 
 
-def expected_statistics(probes: torch.Tensor) -> dict[str, float]:
+def expected_statistics(probes: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     scores = fl.fisher_scores(build_net(), probes, mode="eval")
     stats = {}
     for name in _SCORES:
         stats.update(summarize(getattr(scores, name).double(), f"fim/{name}"))
+    stats["fim/accuracy"] = (scores.prediction == labels).double().mean().item()
+    for norm, radii in DEFAULT_EPS.items():  # the callback's default radii
+        values = fl.estimated_robust_accuracy(build_net(), probes, labels, radii, norm, mode="eval")
+        stats.update({eps_key("fim", norm, radius): value for radius, value in zip(radii, values.tolist())})
     return stats
 
 
@@ -116,6 +120,14 @@ def check_png_files(folder: Path) -> None:
         {"curves.png", "histogram_step4.png", "eigenvectors_step4.png"} <= names, names
     (eigenvectors,) = folder.glob("eigenvectors_step*.png")
     assert_shows_a_direction(png(eigenvectors), str(eigenvectors))
+    assert_draws_curves(png(folder / "robust_accuracy.png"), 4, str(folder / "robust_accuracy.png"))
+
+
+def assert_draws_curves(rgb: np.ndarray, lines: int, where: str) -> None:
+    """Each of the first `lines` colours of matplotlib's default cycle drawn (a line per robust-accuracy key)."""
+    pixels = rgb.reshape(-1, 3).astype(int)
+    for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))[:lines]:
+        assert (np.abs(pixels - colour).sum(1) < 30).sum() > 20, f"{where}: no line in colour {colour}"
 
 
 def check_tensorboard(folder: Path, evaluations: int) -> None:
@@ -133,8 +145,16 @@ def check_tensorboard(folder: Path, evaluations: int) -> None:
     assert len(scalars) == evaluations
 
 
-def check_wandb(run_dir: Path) -> None:
+def check_wandb(run_dir: Path, history: list[dict]) -> None:
     assert len(list(run_dir.parent.glob("*run-*"))) == 1  # one W&B run: rank 0's
+    for norm, radii in DEFAULT_EPS.items():  # the robust accuracy against eps, a chart per evaluation
+        tables = sorted((run_dir / "files" / "media" / "table" / "fim" / "robust_accuracy_vs_eps").glob(
+            f"{norm}_table_*.table.json"), key=lambda path: int(path.name.split("_")[2]))
+        assert len(tables) == len(history)
+        for path, record in zip(tables, history):
+            rows = json.loads(path.read_text())["data"]
+            assert [row[0] for row in rows] == pytest.approx(list(radii))
+            assert [row[2] for row in rows] == pytest.approx([record[eps_key("fim", norm, r)] for r in radii])
     files = sorted((run_dir / "files" / "media" / "images" / "fim").glob("eigenvectors_*.png"))
     assert len(files) == 8  # 4 eigenvectors at each of 2 evaluations
     for path in files:
@@ -150,7 +170,11 @@ def test_cell_logs_the_reference_numbers_and_shows_the_directions(name, referenc
 
     probes = torch.load(out / "probes.pt")
     torch.testing.assert_close(probes, torch.load(reference_out / "probes.pt"), rtol=0, atol=0)
-    expected = expected_statistics(probes)
+    labels = torch.load(out / "labels.pt")
+    torch.testing.assert_close(labels, torch.load(reference_out / "labels.pt"), rtol=0, atol=0)
+    expected = expected_statistics(probes, labels)
+    assert any(0 < expected[eps_key("fim", norm, radii[-1])] < expected["fim/accuracy"]
+               for norm, radii in DEFAULT_EPS.items())  # an informative radius
     assert len(result["history"]) == 2  # one evaluation per epoch
     for record, first in zip(result["history"], reference_result["history"]):
         for key, value in expected.items():
@@ -180,6 +204,6 @@ def test_cell_logs_the_reference_numbers_and_shows_the_directions(name, referenc
     if "tensorboard" in loggers:
         check_tensorboard(Path(folders["TensorBoardLogger"]), evaluations=2)
     if "wandb" in loggers:
-        check_wandb(Path(folders["WandbLogger"]))
+        check_wandb(Path(folders["WandbLogger"]), result["history"])
     if loggers == ["none"]:
         check_png_files(out / "fim")

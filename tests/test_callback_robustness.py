@@ -1,0 +1,131 @@
+"""The callback's estimated robust accuracy: logged keys against the closed form of a linear model, labels from
+tuples and dicts, refusals, the 'keep the most robust checkpoint' recipe with the stock ModelCheckpoint, and
+older checkpoints without labels."""
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import fim_lightning as fl
+from fim_lightning.callback import eps_key
+from fim_lightning.flavours import MisconfigurationException
+from fim_lightning.module import ImageClassifier
+from tests.lightning_helpers import blobs, trainer
+
+EPS = {"l2": [0.1, 0.5, 1.5], "linf": [0.05, 0.3]}
+
+
+def _closed_form_robust_accuracy(weight, bias, x, y, norm, radius):
+    z = x.double() @ weight.double().T + bias.double()
+    t = z.argmax(1)
+    dual = 2 if norm == "l2" else 1
+    distance = torch.stack([min((z[i, t[i]] - z[i, k]) / (weight[t[i]] - weight[k]).double().norm(p=dual)
+                                for k in range(len(weight)) if k != t[i]) for i in range(len(x))])
+    return ((t == y) & (distance > radius)).double().mean().item()
+
+
+def _linear_module(lr=0.0):
+    torch.manual_seed(0)
+    return ImageClassifier(nn.Linear(12, 4), 4, optimizer=partial(torch.optim.SGD, lr=lr))
+
+
+@pytest.mark.parametrize("line_steps", [0, 8])
+def test_logged_robust_accuracy_is_the_linear_closed_form(tmp_path, line_steps):
+    callback = fl.FisherRobustnessCallback(num_samples=40, eps=EPS, model_attribute="net", log_figures=False,
+                                           line_steps=line_steps)
+    module = _linear_module()
+    val = blobs(n=48, seed=1)
+    trainer(tmp_path, [callback], max_epochs=1).fit(module, DataLoader(blobs(), batch_size=16),
+                                                    DataLoader(val, batch_size=16))
+    state = callback.state_dict()
+    x, y = state["probe_inputs"], state["probe_labels"]
+    torch.testing.assert_close(y, torch.stack([val[i][1] for i in state["probe_indices"].tolist()]))
+    record = callback.history[-1]
+    weight, bias = module.net.weight.detach(), module.net.bias.detach()
+    assert record["fim/accuracy"] == pytest.approx((module.net(x).argmax(1) == y).double().mean().item())
+    for norm, radii in EPS.items():
+        for radius in radii:
+            expected = _closed_form_robust_accuracy(weight, bias, x, y, norm, radius)
+            assert record[eps_key("fim", norm, radius)] == pytest.approx(expected, abs=1e-12), (norm, radius)
+    assert 0 < record[eps_key("fim", "l2", 0.5)] < record["fim/accuracy"]  # the radii are informative
+
+
+class _Dicts(Dataset):
+    def __init__(self, key="label"):
+        self.data, self.key = blobs(n=48, seed=1), key
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return {"x": x, self.key: y}
+
+
+def test_labels_come_from_dict_samples_and_label_key(tmp_path):
+    for key, label_key in (("label", None), ("cls", "cls")):
+        callback = fl.FisherRobustnessCallback(num_samples=8, data=_Dicts(key), label_key=label_key,
+                                               model_attribute="net", log_figures=False)
+        trainer(tmp_path, [callback], max_epochs=1).fit(_linear_module(), DataLoader(blobs(), batch_size=16))
+        assert "fim/accuracy" in callback.history[-1] and eps_key("fim", "linf", 8 / 255) in callback.history[-1]
+
+
+class _Unlabelled(Dataset):
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, i):
+        return blobs(n=20, seed=1)[i][0]
+
+
+def test_without_labels_the_default_is_skipped_with_a_warning_and_an_explicit_eps_raises(tmp_path):
+    callback = fl.FisherRobustnessCallback(num_samples=8, data=_Unlabelled(), model_attribute="net", log_figures=False)
+    with pytest.warns(UserWarning, match="carry no labels"):
+        trainer(tmp_path, [callback], max_epochs=1).fit(_linear_module(), DataLoader(blobs(), batch_size=16))
+    assert not [key for key in callback.history[-1] if "accuracy" in key]
+    explicit = fl.FisherRobustnessCallback(num_samples=8, data=_Unlabelled(), model_attribute="net", eps=EPS)
+    with pytest.raises(MisconfigurationException, match="carry no label"):
+        trainer(tmp_path, [explicit], max_epochs=1).fit(_linear_module(), DataLoader(blobs(), batch_size=16))
+    off = fl.FisherRobustnessCallback(num_samples=8, data=_Unlabelled(), model_attribute="net", eps={},
+                                      log_figures=False)
+    trainer(tmp_path, [off], max_epochs=1).fit(_linear_module(), DataLoader(blobs(), batch_size=16))
+    assert "fim/spectral_norm/mean" in off.history[-1]
+
+
+@pytest.mark.parametrize("eps, match", [({"l1": [0.1]}, "eps keys must be norms"), ({"l2": [-1.0]}, "eps must be >= 0"),
+                                        ([0.1], "eps must be a mapping"), ({"l2": []}, "non-empty sequence")])
+def test_bad_eps_is_named(eps, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        fl.FisherRobustnessCallback(eps=eps)
+
+
+def test_model_checkpoint_keeps_the_most_robust_epoch(tmp_path):
+    key = eps_key("fim", "l2", 0.5)
+    callback = fl.FisherRobustnessCallback(num_samples=32, model_attribute="net", log_figures=False, eps=EPS)
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=key, mode="max", filename="{epoch}")
+    pl.seed_everything(0)
+    trainer(tmp_path, [callback, best], max_epochs=4).fit(
+        _linear_module(lr=0.05), DataLoader(blobs(), batch_size=16, shuffle=True), DataLoader(blobs(n=48, seed=1),
+                                                                                            batch_size=16))
+    values = [record[key] for record in callback.history]
+    assert best.best_model_score.item() == pytest.approx(max(values))
+    assert best.best_model_path.endswith(f"epoch={values.index(max(values))}.ckpt")
+
+
+def test_an_older_checkpoint_without_labels_reads_them_from_the_held_out_data(tmp_path):
+    first = fl.FisherRobustnessCallback(num_samples=8, model_attribute="net", log_figures=False)
+    val = DataLoader(blobs(n=48, seed=1), batch_size=16)
+    trainer(tmp_path, [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=1).fit(
+        _linear_module(), DataLoader(blobs(), batch_size=16), val)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    del checkpoint["callbacks"][first.state_key]["probe_labels"]
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+    resumed = fl.FisherRobustnessCallback(num_samples=8, model_attribute="net", log_figures=False)
+    trainer(tmp_path / "r", [resumed], max_epochs=2).fit(_linear_module(), DataLoader(blobs(), batch_size=16), val,
+                                                         ckpt_path=str(tmp_path / "older.ckpt"))
+    torch.testing.assert_close(resumed.state_dict()["probe_labels"], first.state_dict()["probe_labels"])
+    assert [("fim/accuracy" in r) for r in resumed.history] == [True, True]
