@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence, Union
@@ -18,11 +19,11 @@ from typing_extensions import override
 from fim_lightning import writers
 from fim_lightning.flavours import CALLBACK_BASES, MISCONFIGURATION_ERRORS, MisconfigurationException
 from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_options, fisher_operator, fisher_scores
-from fim_lightning.guard import forked_rng
-from fim_lightning.operator import OUTPUT_KINDS, OutputKind
+from fim_lightning.guard import forked_rng, preserved_state
+from fim_lightning.operator import OUTPUT_KINDS, OutputKind, as_class_scores
 from fim_lightning.reductions import SUMMARY, summarize
 from fim_lightning.robustness import NORMS, check_bounds, check_eps, robust_distances
-from fim_lightning.validation import check_bool, check_choice, check_int, check_str
+from fim_lightning.validation import check_bool, check_choice, check_int, check_real, check_str
 
 _SCORES = ("spectral_norm", "trace", "radius")
 INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values", "img", "data")
@@ -33,6 +34,26 @@ DEFAULT_EPS: dict[str, tuple[float, ...]] = {"l2": (0.25, 0.5), "linf": (2 / 255
 def eps_key(prefix: str, norm: str, radius: float) -> str:
     """`{prefix}/robust_accuracy/{norm}/{radius}`, the radius with 4 significant digits (8/255: 0.03137)."""
     return f"{prefix}/robust_accuracy/{norm}/{radius:.4g}"
+
+
+def _check_attacks(attacks: Any, eps: dict[str, tuple[float, ...]]) -> dict[tuple[str, float], Any]:
+    """`{"l2/0.5": attack}` as {("l2", 0.5): attack}; each key names a norm and one of its radii in `eps`."""
+    if not isinstance(attacks, Mapping):
+        raise TypeError(f"attacks must be a mapping from '{{norm}}/{{eps}}' to callables, got {attacks!r}")
+    parsed = {}
+    for key, attack in attacks.items():
+        norm, _, text = str(key).partition("/")
+        try:
+            radius = float(text)
+        except ValueError:
+            radius = math.nan
+        match = [r for r in eps.get(norm, ()) if math.isclose(r, radius, rel_tol=1e-3)]
+        if not match:
+            raise ValueError(f"attacks key {key!r} must be '{{norm}}/{{eps}}' with a radius of eps={eps}")
+        if not callable(attack):
+            raise TypeError(f"attacks[{key!r}] must be a callable (model, x, y) -> x_adv, got {attack!r}")
+        parsed[norm, match[0]] = attack
+    return parsed
 
 
 def _check_eps(eps: Any) -> dict[str, tuple[float, ...]]:
@@ -108,6 +129,16 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         input_bounds: the box the inputs live in (e.g. ``(0.0, 1.0)`` for pixels), kept by the robustness
             estimate's line search as attacks keep it; default none.
         line_steps: bisection steps of the robustness estimate's line search (0: the first-order step alone).
+        attacks: real attacks that calibrate the estimate, keyed ``"{norm}/{eps}"`` (a radius of `eps`): each a
+            callable ``(model, x, y) -> x_adv`` (a torchattacks or ART attack wrapped, or `recipes.attacks`). Every
+            `attack_every_n` evaluations the first `attack_samples` probes are attacked; logged:
+            ``{prefix}/attack/robust_accuracy/{norm}/{eps}``, the estimate on the same probes
+            ``{prefix}/attack/estimate/{norm}/{eps}``, their ``{prefix}/attack/gap/{norm}/{eps}`` (estimate minus
+            attack) and ``{prefix}/attack/seconds``; a gap above `attack_gap` warns (gradient masking, or an
+            estimate out of its range). An attack that leaves the eps-ball raises.
+        attack_every_n: attack at every n-th evaluation (the first included).
+        attack_samples: how many probes are attacked.
+        attack_gap: the |gap| that warns.
     """
 
     def __init__(
@@ -130,6 +161,10 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         label_key: Optional[Union[int, str]] = None,
         input_bounds: Optional[tuple[float, float]] = None,
         line_steps: int = 8,
+        attacks: Optional[Mapping[str, Any]] = None,
+        attack_every_n: int = 1,
+        attack_samples: int = 64,
+        attack_gap: float = 0.1,
     ) -> None:
         options = dict(estimator_options or {})
         try:
@@ -153,6 +188,10 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
                 raise TypeError(f"label_key must be an int, a str or None, got {label_key!r}")
             check_bounds(input_bounds)
             check_int("line_steps", line_steps, 0)
+            parsed_attacks = _check_attacks(attacks or {}, radii)
+            check_int("attack_every_n", attack_every_n, 1)
+            check_int("attack_samples", attack_samples, 1)
+            check_real("attack_gap", attack_gap, 0.0)
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"FisherRobustnessCallback: {error}") from error
         self.num_samples = num_samples
@@ -173,6 +212,11 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         self.label_key = label_key
         self.input_bounds = None if input_bounds is None else tuple(input_bounds)
         self.line_steps = line_steps
+        self.attacks = parsed_attacks
+        self.attack_every_n = attack_every_n
+        self.attack_samples = attack_samples
+        self.attack_gap = attack_gap
+        self._evaluations = 0
         self._labels_required = eps is not None and bool(radii)
         self.history: list[dict[str, float]] = []
         self._probe_inputs: Optional[Tensor] = None
@@ -440,6 +484,9 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         for column, name in enumerate(_SCORES):
             stats.update(summarize(values[:, column], f"{self.prefix}/{name}"))
         stats.update(self._robustness_statistics(values))
+        if self.attacks and share_labels is not None and self._evaluations % self.attack_every_n == 0:
+            stats.update(self._calibrate(trainer, pl_module, share, share_labels, values))
+        self._evaluations += 1
         stage = trainer.state.fn.value
         record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": stage, **stats}
         self.history.append(record)
@@ -461,6 +508,61 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         if trainer.state.fn != TrainerFn.FITTING:
             self._write_figures(trainer, "on_end")
         return stats
+
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, share: Tensor, labels: Tensor,
+                   values: Tensor) -> dict[str, float]:
+        """The attacks on the first `attack_samples` probes (each rank its share of them), against the estimate
+        on the same probes."""
+        world, rank = trainer.world_size, trainer.global_rank
+        count = min(self.attack_samples, len(self._probe_inputs))
+        mine = len(range(rank, count, world))
+        model = self._scored_model(pl_module)
+        x, y = share[:mine].to(pl_module.device), labels[:mine].to(pl_module.device)
+        outcomes = torch.full((len(share), len(self.attacks)), math.nan, dtype=torch.float64, device=pl_module.device)
+        start = time.perf_counter()
+        for column, ((norm, radius), attack) in enumerate(self.attacks.items()):
+            if mine:
+                outcomes[:mine, column] = self._attack_outcome(model, attack, x, y, norm, radius).to(torch.float64)
+        seconds = time.perf_counter() - start
+        measured = self._gather(trainer, outcomes, len(self._probe_inputs), world)[:count]
+        correct = values[:count, len(_SCORES)] > 0.5
+        stats = {f"{self.prefix}/attack/seconds": seconds}
+        for column, (norm, radius) in enumerate(self.attacks):
+            offset = len(_SCORES) + 1 + list(self.eps).index(norm)
+            estimate = (correct & (values[:count, offset] > radius)).double().mean().item()
+            attacked = measured[:, column].mean().item()
+            suffix = f"{norm}/{radius:.4g}"
+            stats.update({f"{self.prefix}/attack/robust_accuracy/{suffix}": attacked,
+                          f"{self.prefix}/attack/estimate/{suffix}": estimate,
+                          f"{self.prefix}/attack/gap/{suffix}": estimate - attacked})
+            if abs(estimate - attacked) > self.attack_gap:
+                rank_zero_warn(
+                    f"FisherRobustnessCallback: at step {trainer.global_step} the estimated robust accuracy at "
+                    f"{suffix} is {estimate:.3f} and the attack measures {attacked:.3f} on the same {count} probes "
+                    f"(gap {estimate - attacked:+.3f} > {self.attack_gap}): the estimate is out of its range here "
+                    "(a model whose gradients mislead, e.g. catastrophic overfitting), or the attack is weak")
+        return stats
+
+    @staticmethod
+    def _attack_outcome(model: Any, attack: Any, x: Tensor, y: Tensor, norm: str, radius: float) -> Tensor:
+        """(n,) True where the sample is classified correctly at x and at the attack's point, run in eval mode
+        with the model's state guarded; an attack that leaves the eps-ball raises."""
+        with preserved_state(model, x, mode="eval"):
+            adversarial = attack(model, x.clone(), y.clone())
+            if not isinstance(adversarial, Tensor) or adversarial.shape != x.shape:
+                raise MisconfigurationException(
+                    f"FisherRobustnessCallback: the attack for {norm}/{radius:.4g} must return x_adv shaped like x "
+                    f"{tuple(x.shape)}, got {getattr(adversarial, 'shape', type(adversarial).__name__)}")
+            adversarial = adversarial.detach().to(x.dtype)
+            shift = (adversarial - x).flatten(1).norm(p=2 if norm == "l2" else math.inf, dim=1)
+            if (shift > radius * (1 + 1e-3) + 1e-6).any():
+                raise MisconfigurationException(
+                    f"FisherRobustnessCallback: the attack for {norm}/{radius:.4g} moved a sample by "
+                    f"{shift.max().item():.4g}, outside its eps-ball: its accuracy would not be robust accuracy")
+            with torch.no_grad():
+                clean = as_class_scores(model(x), len(x)).argmax(1)
+                attacked = as_class_scores(model(adversarial), len(x)).argmax(1)
+        return (clean == y) & (attacked == y)
 
     def _robustness_statistics(self, values: Tensor) -> dict[str, float]:
         """`{prefix}/accuracy` and `{prefix}/robust_accuracy/{norm}/{eps}` from the gathered columns (a probe is

@@ -129,3 +129,75 @@ def test_an_older_checkpoint_without_labels_reads_them_from_the_held_out_data(tm
                                                          ckpt_path=str(tmp_path / "older.ckpt"))
     torch.testing.assert_close(resumed.state_dict()["probe_labels"], first.state_dict()["probe_labels"])
     assert [("fim/accuracy" in r) for r in resumed.history] == [True, True]
+
+
+def _exact_linear_attack(norm, radius):
+    """The optimal attack on a linear model: the closed-form nearest boundary point, pushed just past it,
+    scaled back into the eps-ball."""
+    def attack(model, x, y):
+        w, b = model.weight.detach(), model.bias.detach()
+        z = model(x)
+        out = x.clone()
+        for i in range(len(x)):
+            best = None
+            for k in range(len(w)):
+                if k == y[i]:
+                    continue
+                g = w[y[i]] - w[k]
+                m = z[i, y[i]] - z[i, k]
+                step = m / g.norm(p=2 if norm == "l2" else 1)
+                direction = -g / g.norm() if norm == "l2" else -g.sign()
+                if best is None or step < best[0]:
+                    best = (step, direction)
+            step, direction = best
+            out[i] = x[i] + min(max(step.item(), 0.0) * 1.001, radius) * direction  # misclassified: x
+        return out.detach()
+    return attack
+
+
+def test_attack_calibration_logs_the_attack_beside_the_estimate_on_the_same_probes(tmp_path):
+    attacks = {"l2/0.5": _exact_linear_attack("l2", 0.5), "linf/0.3": _exact_linear_attack("linf", 0.3)}
+    callback = fl.FisherRobustnessCallback(num_samples=40, eps=EPS, model_attribute="net", log_figures=False,
+                                           attacks=attacks, attack_samples=24, attack_every_n=2)
+    module = _linear_module()
+    trainer(tmp_path, [callback], max_epochs=3).fit(module, DataLoader(blobs(), batch_size=16),
+                                                    DataLoader(blobs(n=48, seed=1), batch_size=16))
+    attacked = [("fim/attack/robust_accuracy/l2/0.5" in r) for r in callback.history]
+    assert attacked == [True, False, True]
+    state = callback.state_dict()
+    x, y = state["probe_inputs"][:24], state["probe_labels"][:24]
+    weight, bias = module.net.weight.detach(), module.net.bias.detach()
+    for norm, radius in (("l2", 0.5), ("linf", 0.3)):
+        record = callback.history[0]
+        expected = _closed_form_robust_accuracy(weight, bias, x, y, norm, radius)
+        assert record[f"fim/attack/robust_accuracy/{norm}/{radius:.4g}"] == pytest.approx(expected, abs=1e-12)
+        assert record[f"fim/attack/estimate/{norm}/{radius:.4g}"] == pytest.approx(expected, abs=1e-12)
+        assert record[f"fim/attack/gap/{norm}/{radius:.4g}"] == pytest.approx(0.0, abs=1e-12)
+    assert record["fim/attack/seconds"] > 0
+
+
+def test_a_large_gap_warns_and_an_attack_outside_the_ball_raises(tmp_path):
+    def identity(model, x, y):  # no attack at all: measured robust accuracy = clean accuracy
+        return x
+
+    callback = fl.FisherRobustnessCallback(num_samples=40, eps={"l2": [1.5]}, model_attribute="net",
+                                           log_figures=False, attacks={"l2/1.5": identity}, attack_gap=0.05)
+    with pytest.warns(UserWarning, match=r"the attack measures .* \(gap -"):
+        trainer(tmp_path, [callback], max_epochs=1).fit(_linear_module(), DataLoader(blobs(), batch_size=16),
+                                                        DataLoader(blobs(n=48, seed=1), batch_size=16))
+
+    def too_far(model, x, y):
+        return x + 1.0
+
+    callback = fl.FisherRobustnessCallback(num_samples=8, eps={"linf": [0.3]}, model_attribute="net",
+                                           attacks={"linf/0.3": too_far})
+    with pytest.raises(MisconfigurationException, match="outside its eps-ball"):
+        trainer(tmp_path, [callback], max_epochs=1).fit(_linear_module(), DataLoader(blobs(), batch_size=16),
+                                                        DataLoader(blobs(n=48, seed=1), batch_size=16))
+
+
+def test_attack_keys_must_name_a_radius_of_eps():
+    with pytest.raises(MisconfigurationException, match="must be '{norm}/{eps}' with a radius of eps"):
+        fl.FisherRobustnessCallback(eps={"l2": [0.5]}, attacks={"l2/0.25": lambda m, x, y: x})
+    with pytest.raises(MisconfigurationException, match="must be a callable"):
+        fl.FisherRobustnessCallback(eps={"l2": [0.5]}, attacks={"l2/0.5": 3})
