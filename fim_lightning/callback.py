@@ -139,6 +139,10 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         attack_every_n: attack at every n-th evaluation (the first included).
         attack_samples: how many probes are attacked.
         attack_gap: the |gap| that warns.
+        collapse_drop: the robust-collapse alarm: ``{prefix}/alarm/robust_collapse`` is 1 at an evaluation where
+            the estimated robust accuracy at some radius fell below (1 - collapse_drop) times its best so far (a
+            best of at least 5%), else 0, with a warning when it fires (catastrophic overfitting). Stop on it with
+            ``EarlyStopping(monitor="fim/alarm/robust_collapse", mode="min", divergence_threshold=0.5)``.
     """
 
     def __init__(
@@ -165,6 +169,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         attack_every_n: int = 1,
         attack_samples: int = 64,
         attack_gap: float = 0.1,
+        collapse_drop: float = 0.5,
     ) -> None:
         options = dict(estimator_options or {})
         try:
@@ -192,6 +197,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             check_int("attack_every_n", attack_every_n, 1)
             check_int("attack_samples", attack_samples, 1)
             check_real("attack_gap", attack_gap, 0.0)
+            check_real("collapse_drop", collapse_drop, 0.0, strict=True, maximum=1.0)
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"FisherRobustnessCallback: {error}") from error
         self.num_samples = num_samples
@@ -216,6 +222,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         self.attack_every_n = attack_every_n
         self.attack_samples = attack_samples
         self.attack_gap = attack_gap
+        self.collapse_drop = collapse_drop
         self._evaluations = 0
         self._labels_required = eps is not None and bool(radii)
         self.history: list[dict[str, float]] = []
@@ -308,7 +315,8 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         if loader is None:
             raise MisconfigurationException(
                 "FisherRobustnessCallback needs held-out data: neither the trainer, the datamodule nor the module "
-                f"has a {'test' if testing else 'validation'} dataloader; pass `data=` (a DataLoader or Dataset)"
+                f"has a {'test' if testing else 'validation'} dataloader (with limit_val_batches=0 the trainer loads "
+                "none); pass `data=` (a DataLoader or Dataset)"
             )
         return loader
 
@@ -484,6 +492,8 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         for column, name in enumerate(_SCORES):
             stats.update(summarize(values[:, column], f"{self.prefix}/{name}"))
         stats.update(self._robustness_statistics(values))
+        if trainer.state.fn == TrainerFn.FITTING:
+            stats.update(self._collapse_alarm(trainer, stats))
         if self.attacks and share_labels is not None and self._evaluations % self.attack_every_n == 0:
             stats.update(self._calibrate(trainer, pl_module, share, share_labels, values))
         self._evaluations += 1
@@ -508,6 +518,22 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         if trainer.state.fn != TrainerFn.FITTING:
             self._write_figures(trainer, "on_end")
         return stats
+
+    def _collapse_alarm(self, trainer: pl.Trainer, stats: dict[str, float]) -> dict[str, float]:
+        """`{prefix}/alarm/robust_collapse` against the best of each robust-accuracy key over the training curve."""
+        keys = [key for key in stats if key.startswith(f"{self.prefix}/robust_accuracy/")]
+        if not keys:
+            return {}
+        fired = []
+        for key in keys:
+            best = max((record[key] for record in self.history if record.get("stage") == "fit" and key in record),
+                       default=math.nan)
+            if best >= 0.05 and stats[key] < (1 - self.collapse_drop) * best:
+                fired.append(f"{key.removeprefix(self.prefix + '/robust_accuracy/')}: {stats[key]:.3f} after {best:.3f}")
+        if fired:
+            rank_zero_warn(f"FisherRobustnessCallback: robust accuracy collapsed at step {trainer.global_step} "
+                           f"({'; '.join(fired)}): catastrophic overfitting? Check with an attack (attacks=)")
+        return {f"{self.prefix}/alarm/robust_collapse": float(bool(fired))}
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, share: Tensor, labels: Tensor,
                    values: Tensor) -> dict[str, float]:

@@ -201,3 +201,44 @@ def test_attack_keys_must_name_a_radius_of_eps():
         fl.FisherRobustnessCallback(eps={"l2": [0.5]}, attacks={"l2/0.25": lambda m, x, y: x})
     with pytest.raises(MisconfigurationException, match="must be a callable"):
         fl.FisherRobustnessCallback(eps={"l2": [0.5]}, attacks={"l2/0.5": 3})
+
+
+class _Sharpening(ImageClassifier):
+    """A trained linear classifier that, from epoch `at` on, adds a fast oscillation to two logits: decision
+    boundaries everywhere within pi / 100 of every sample (a robustness collapse)."""
+
+    def __init__(self, at: int):
+        torch.manual_seed(0)
+        net = nn.Linear(12, 4)
+        x, y = blobs().tensors
+        optimizer = torch.optim.Adam(net.parameters(), 0.05)
+        for _ in range(200):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        super().__init__(net, 4, optimizer=partial(torch.optim.SGD, lr=0.0))
+        self.at = at
+
+    def forward(self, x):
+        logits = self.net(x)
+        if self.current_epoch >= self.at:
+            wave = 50.0 * torch.sin(100.0 * x[:, :1])
+            logits = logits + torch.cat([wave, -wave, torch.zeros_like(logits[:, 2:])], dim=1)
+        return logits
+
+
+def test_the_collapse_alarm_fires_in_the_epoch_of_the_collapse_and_stops_training_through_early_stopping(tmp_path):
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    callback = fl.FisherRobustnessCallback(num_samples=40, eps=EPS, log_figures=False)
+    stop = EarlyStopping(monitor="fim/alarm/robust_collapse", mode="min", divergence_threshold=0.5, patience=100)
+    module = _Sharpening(at=2)
+    with pytest.warns(UserWarning, match="robust accuracy collapsed at step 18"):
+        trainer(tmp_path, [callback, stop], max_epochs=6).fit(
+            module, DataLoader(blobs(), batch_size=16), DataLoader(blobs(n=48, seed=1), batch_size=16))
+    alarms = [record["fim/alarm/robust_collapse"] for record in callback.history]
+    assert alarms == [0.0, 0.0, 1.0]  # stopped by EarlyStopping in the epoch of the collapse
+    quiet = fl.FisherRobustnessCallback(num_samples=40, eps=EPS, log_figures=False)
+    trainer(tmp_path / "q", [quiet], max_epochs=3).fit(_linear_module(lr=0.05), DataLoader(blobs(), batch_size=16),
+                                                       DataLoader(blobs(n=48, seed=1), batch_size=16))
+    assert [record["fim/alarm/robust_collapse"] for record in quiet.history] == [0.0, 0.0, 0.0]

@@ -1,0 +1,210 @@
+"""Does the callback's robustness curve follow the strongest attack over real training runs?
+
+One job trains the recipes' SmallCNN in one regime with one seed and evaluates, after every epoch, the same
+held-out probes (the first `--probes` test images):
+- the estimate the callback logs (`fim_lightning.robustness.robust_distances`, the function behind
+  `{prefix}/robust_accuracy/{norm}/{eps}`, with `input_bounds=(0, 1)`), its raw Fisher statistics
+  (lambda_max median, radius median) and the cheap baselines: the gradient norm |grad (z1 - z2)| (median) and the
+  linear step margin / |grad (z1 - z2)|_dual as a robust-accuracy estimate;
+- PGD-20 (ART, one random start, step eps / 4) at every radius of `RADII` (three per norm);
+- AutoAttack's APGD-CE + APGD-T (the reference `pyautoattack` package, standard settings: 100 iterations, 9
+  target classes) at the two `AA_RADII` per norm, on the first `--aa-probes` probes;
+- the cost of each, in the same process.
+Each epoch's row is appended to `bench/results/tracking/<data>.jsonl` and the network's weights are kept under
+`bench/results/tracking/weights/` (not committed), so a job stopped anywhere resumes from its last epoch
+(`python bench/tracking.py --data cifar10 --regime plain --seed 0` again) and the report can run the standard
+AutoAttack at the checkpoints each signal selects (`--standard`).
+
+    python bench/tracking.py --data cifar10 --regime fgsm --seed 0       # one job (resumes)
+    python bench/tracking.py --data cifar10 --report                     # the report from the rows so far
+
+Regimes (fixed before the estimate's errors were looked at): `plain`; `pgd_at` (PGD L-inf 10 steps of eps / 4
+from a random start); `trades` (beta 6); `fgsm` (FGSM without random start, one step of size eps: catastrophic
+overfitting); `fisher_worst` (FisherWorstDirectionPenalty, weight 1). Training eps: 8/255 on CIFAR, 0.1 on
+Fashion-MNIST. Adam 3e-3 with a cosine decay per epoch (the frontier's protocol), `--train` images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fim_lightning as fl  # noqa: E402
+from bench.common import machine, quiet_lightning  # noqa: E402
+from bench.regularization_frontier import OPTIMIZER, cosine, data_module  # noqa: E402
+from fim_lightning.module import FisherRegularizedClassifier  # noqa: E402
+from fim_lightning.robustness import robust_distances  # noqa: E402
+from recipes import attacks  # noqa: E402
+from recipes.models import SmallCNN  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "tracking"
+RADII = {"cifar10": {"l2": (0.125, 0.25, 0.5), "linf": (1 / 255, 2 / 255, 8 / 255)},
+         "fashion_mnist": {"l2": (0.25, 0.5, 1.0), "linf": (0.02, 0.05, 0.1)}}
+AA_RADII = {"cifar10": {"l2": (0.25, 0.5), "linf": (2 / 255, 8 / 255)},
+            "fashion_mnist": {"l2": (0.5, 1.0), "linf": (0.05, 0.1)}}
+TRAIN_EPS = {"cifar10": 8 / 255, "fashion_mnist": 0.1}
+
+
+def regime(name: str, data: str) -> dict:
+    """The module options of a regime on a data set."""
+    eps = TRAIN_EPS[data]
+    return {
+        "plain": {},
+        "pgd_at": {"adversarial": attacks.PGD(eps=eps, step_size=eps / 4, steps=10)},
+        "trades": {"penalty": attacks.TradesPenalty(beta=6.0)},
+        "fgsm": {"adversarial": attacks.PGD(eps=eps, step_size=eps, steps=1, random_start=False)},
+        "fisher_worst": {"penalty": fl.FisherWorstDirectionPenalty(weight=1.0)},
+    }[name]
+
+
+REGIMES = ("plain", "pgd_at", "trades", "fgsm", "fisher_worst")
+
+
+def margin_gradients(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-2 margin z1 - z2, |grad (z1 - z2)|_2 and _1 per sample (the linear-step baseline)."""
+    x = x.clone().requires_grad_(True)
+    logits = net(x)
+    top = logits.topk(2, dim=1)
+    margin = top.values[:, 0] - top.values[:, 1]
+    (gradient,) = torch.autograd.grad(margin.sum(), x)
+    flat = gradient.flatten(1)
+    return margin.detach().double(), flat.norm(p=2, dim=1).double(), flat.norm(p=1, dim=1).double()
+
+
+def autoattack_robust(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float,
+                      version: str = "custom", seed: int = 0) -> np.ndarray:
+    """(N,) robust under AutoAttack: APGD-CE + APGD-T (standard settings) or the whole standard version."""
+    from pyautoattack import AutoAttack
+
+    options = {"attacks": ["apgd-ce", "apgd-t"]} if version == "custom" else {}
+    attack = AutoAttack(net, norm={"l2": "L2", "linf": "Linf"}[norm], eps=eps, version=version, seed=seed, **options)
+    attack.verbose = False
+    if version == "custom":
+        attack.apgd.n_restarts, attack.apgd_targeted.n_target_classes, attack.apgd_targeted.n_restarts = 1, 9, 1
+    adversarial, _ = attack.run_standard_evaluation(x.contiguous(), y, batch_size=256)
+    with torch.no_grad():
+        return ((net(x).argmax(1) == y) & (net(adversarial).argmax(1) == y)).numpy()
+
+
+def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, data: str, aa_probes: int) -> dict:
+    """Every signal and attack of one epoch on the probes (module docstring), with their costs."""
+    net.eval()
+    row: dict = {}
+    start = time.perf_counter()
+    distances = robust_distances(net, x, ("l2", "linf"), mode="eval", bounds=(0.0, 1.0))
+    row["estimate_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = fl.fisher_scores(net, x, mode="eval")
+    row["fisher_s"] = time.perf_counter() - start
+    correct = (scores.prediction == y).numpy()
+    margin, grad_l2, grad_l1 = margin_gradients(net, x)
+    linear = {"l2": (margin / grad_l2).numpy(), "linf": (margin / grad_l1).numpy()}
+    row.update(clean=float(correct.mean()), lambda_max_median=float(scores.spectral_norm.median()),
+               radius_median=float(scores.radius.median()), grad_norm_median=float(grad_l2.median()))
+    aa_count = min(aa_probes, len(x))
+    for norm, radii in RADII[data].items():
+        d = distances[norm].numpy()
+        for eps in radii:
+            key = f"{norm}/{eps:.4g}"
+            row[f"estimate/{key}"] = float((correct & (d > eps)).mean())
+            row[f"estimate_aa_probes/{key}"] = float((correct[:aa_count] & (d[:aa_count] > eps)).mean())
+            row[f"linear/{key}"] = float((correct & (linear[norm] > eps)).mean())
+            row[f"linear_aa_probes/{key}"] = float((correct[:aa_count] & (linear[norm][:aa_count] > eps)).mean())
+    start = time.perf_counter()
+    for norm, radii in RADII[data].items():
+        for eps in radii:
+            row[f"pgd20/{norm}/{eps:.4g}"] = attacks.robust_accuracy(net, x, y, norm=norm, eps=eps, steps=20,
+                                                                     step_size=eps / 4)
+    row["pgd20_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for norm, radii in AA_RADII[data].items():
+        for eps in radii:
+            robust = autoattack_robust(net, x[:aa_count], y[:aa_count], norm, eps)
+            row[f"apgd/{norm}/{eps:.4g}"] = float(robust.mean())
+    row["apgd_s"] = time.perf_counter() - start
+    return row
+
+
+class EpochEvaluation(pl.Callback):
+    """After every training epoch: `evaluate`, one row appended to the results, the weights kept; the
+    Trainer's own checkpoint (last.ckpt) lets a stopped job resume."""
+
+    def __init__(self, job: dict, x: torch.Tensor, y: torch.Tensor, aa_probes: int, rows: Path, weights: Path):
+        self.job, self.x, self.y, self.aa_probes, self.rows, self.weights = job, x, y, aa_probes, rows, weights
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = pl_module.net
+        training = net.training
+        row = {**self.job, "epoch": trainer.current_epoch, "train_loss": float(trainer.callback_metrics.get(
+            "train/ce", torch.tensor(float("nan")))), **evaluate(net, self.x, self.y, self.job["data"],
+                                                                 self.aa_probes)}
+        net.train(training)
+        torch.save(net.state_dict(), self.weights / f"epoch{trainer.current_epoch}.pt")
+        with open(self.rows, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                          if k.startswith(("epoch", "clean", "estimate/", "apgd/", "pgd20/l2/0.5", "estimate_s",
+                                           "pgd20_s", "apgd_s"))}), flush=True)
+
+
+def load_rows(data: str) -> list[dict]:
+    path = RESULTS / f"{data}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int) -> None:
+    job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
+           "aa_probes": aa_probes, "machine": machine()}
+    key = {k: job[k] for k in ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes")}
+    done = {row["epoch"] for row in load_rows(data) if {k: row.get(k) for k in key} == key}
+    if len(done) >= epochs:
+        print(f"{name} seed {seed}: all {epochs} epochs evaluated")
+        return
+    folder = RESULTS / "weights" / f"{data}_{name}_s{seed}_e{epochs}_t{train}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(seed, workers=True)
+    datamodule = data_module(data, train)
+    datamodule.setup("fit")
+    x, y = datamodule.splits["test"].tensors
+    module = FisherRegularizedClassifier(SmallCNN(datamodule.in_channels, 10), 10, optimizer=OPTIMIZER,
+                                         scheduler=cosine(epochs), **regime(name, data))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    evaluation = EpochEvaluation(job, x[:probes], y[:probes], aa_probes, RESULTS / f"{data}.jsonl", folder)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
+                         callbacks=[evaluation, checkpoint])
+    last = folder / "last.ckpt"
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() and done else None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", choices=tuple(RADII), default="cifar10")
+    parser.add_argument("--regime", choices=REGIMES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--train", type=int, default=5000, help="training images")
+    parser.add_argument("--probes", type=int, default=512)
+    parser.add_argument("--aa-probes", type=int, default=256)
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    quiet_lightning()
+    if args.report:
+        from bench.tracking_report import report
+
+        print(report(args.data, load_rows(args.data)))
+        return
+    run_job(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.aa_probes)
+
+
+if __name__ == "__main__":
+    main()
