@@ -201,7 +201,9 @@ def main() -> None:
     if args.report:
         from bench.tracking_report import report
 
-        print(report(args.data, load_rows(args.data)))
+        text = report(args.data, load_rows(args.data))
+        (RESULTS / f"{args.data}.md").write_text(text)
+        print(text)
         return
     run_job(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.aa_probes)
 

@@ -189,7 +189,7 @@ def estimated_minimal_perturbation(
 def check_bounds(bounds: object) -> Optional[tuple[float, float]]:
     if bounds is None:
         return None
-    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+    if not isinstance(bounds, Sequence) or isinstance(bounds, str) or len(bounds) != 2:
         raise TypeError(f"bounds must be (low, high) or None, got {bounds!r}")
     low, high = (check_real("bounds", value) for value in bounds)
     if not low < high:

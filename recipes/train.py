@@ -28,8 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def curve_table(history: list[dict], prefix: str = "fim") -> str:
-    """The FIM curve (the callback's history, keys under `prefix`) as a markdown table."""
-    statistics = ["spectral_norm/mean", "spectral_norm/median", "spectral_norm/p90", "trace/mean", "radius/median"]
+    """The FIM curve (the callback's history, keys under `prefix`) as a markdown table: the accuracy and the
+    estimated robust accuracy first (where the probes have labels), then the Fisher statistics."""
+    robust = [key.removeprefix(prefix + "/") for key in (history[0] if history else {})
+              if key == f"{prefix}/accuracy" or key.startswith(f"{prefix}/robust_accuracy/")]
+    statistics = [*robust, "spectral_norm/mean", "spectral_norm/median", "spectral_norm/p90", "trace/mean",
+                  "radius/median"]
     columns = [f"{prefix}/{statistic}" for statistic in statistics]
     lines = ["| stage | epoch | step | " + " | ".join(statistics) + " |",
              "|---|---:|---:|" + "---:|" * len(columns)]
@@ -45,6 +49,11 @@ def write_fim_outputs(fisher: Optional[FisherRobustnessCallback], output_dir: Pa
     keys = [f"{fisher.prefix}/spectral_norm/{s}" for s in ("mean", "median", "p90")]
     plot = save(curves_figure(fisher.history, keys, "lambda_max(F(x))", f"fim-train {output_dir.name}"),
                 output_dir / "fim_curve.png")
+    robust = [key for key in (fisher.history[0] if fisher.history else {})
+              if key.startswith(f"{fisher.prefix}/robust_accuracy/")]
+    if robust:
+        save(curves_figure(fisher.history, robust, "estimated robust accuracy", f"fim-train {output_dir.name}",
+                           log=False), output_dir / "robust_curve.png")
     (output_dir / "fim_history.json").write_text(json.dumps(fisher.history, indent=1))
     log.info(f"\nFisher spectral norm over training (probe set of {fisher.num_samples} held-out samples):")
     log.info(curve_table(fisher.history, fisher.prefix))
