@@ -529,7 +529,8 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             best = max((record[key] for record in self.history if record.get("stage") == "fit" and key in record),
                        default=math.nan)
             if best >= 0.05 and stats[key] < (1 - self.collapse_drop) * best:
-                fired.append(f"{key.removeprefix(self.prefix + '/robust_accuracy/')}: {stats[key]:.3f} after {best:.3f}")
+                name = key.removeprefix(self.prefix + "/robust_accuracy/")
+                fired.append(f"{name}: {stats[key]:.3f} after {best:.3f}")
         if fired:
             rank_zero_warn(f"FisherRobustnessCallback: robust accuracy collapsed at step {trainer.global_step} "
                            f"({'; '.join(fired)}): catastrophic overfitting? Check with an attack (attacks=)")

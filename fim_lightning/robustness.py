@@ -12,7 +12,8 @@ past d_1), the
 bracket is widened by doubling (at most `_EXPANSIONS` times) until the class changes, and bisected
 `line_steps` times; the estimate is the smallest tested s whose point x + s u is classified otherwise. That
 point is an adversarial example at distance s, so the estimate never exceeds the distance along u (to the
-bisection's resolution), and it equals d_1 for a linear model (to 1e-4). Where the class does not change within 2^_EXPANSIONS d_1 along u, d_1 is kept.
+bisection's resolution), and it equals d_1 for a linear model (to 1e-4). Where the class does not change
+within 2^_EXPANSIONS d_1 along u, d_1 is kept.
 Cost: one forward pass per tested point, about 12 with the default.
 
 Known bias: the estimate is the distance along one direction chosen at x. Where the nearest boundary lies along

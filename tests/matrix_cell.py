@@ -3,7 +3,8 @@
 --package ...`, Lightning's own strategy starting the other processes (`ddp`, `ddp_spawn`, or FSDP2 through
 `ModelParallelStrategy`), with `pytorch_lightning` or the unified `lightning.pytorch`. What the test reads is
 written from inside the training processes (`Results.on_fit_end`), so that a spawned run reports too.
-The model's weights never change (SGD with lr 0, BatchNorm with momentum 0), so every cell must log the same Fisher numbers; the script writes what the test compares:
+The model's weights never change (SGD with lr 0, BatchNorm with momentum 0), so every cell must log the same
+Fisher numbers; the script writes what the test compares:
 `result.json` (rank 0: the callback's history, the metric per validation epoch, the logger folders),
 `penalties.pt` (rank 0: each training batch and its penalty) and `writer_calls_rank{r}.json` (every rank).
 """

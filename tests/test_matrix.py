@@ -4,9 +4,9 @@ Paths, in every cell: `FisherRobustnessCallback()` with its defaults (figures on
 `FisherSpectralNorm` metric in `validation_step`, and a Fisher penalty in `FisherRegularizedClassifier`'s
 `training_step`. Axes: precision (32-true, bf16-mixed), processes (1, or 2 under Lightning's `ddp` on gloo,
 launched by Lightning from the script `tests/matrix_cell.py` with `ddp`, `ddp_spawn` or FSDP2 through
-`ModelParallelStrategy`), package (`pytorch_lightning`, the unified `lightning.pytorch`), loggers (CSV, TensorBoard, W&B offline, several,
-none). Six cells cover every pair of values of two axes except W&B in one process, which
-`tests/test_callback.py` covers:
+`ModelParallelStrategy`), package (`pytorch_lightning`, the unified `lightning.pytorch`), loggers (CSV,
+TensorBoard, W&B offline, several, none). Cells A-F cover every pair of values of the first four axes except
+W&B in one process, which `tests/test_callback.py` covers; G-J add the other strategies and the unified package:
 
 | cell | precision | processes | loggers | penalty |
 |---|---|---|---|---|
@@ -22,7 +22,7 @@ none). Six cells cover every pair of values of two axes except W&B in one proces
 | J | 32-true | 1, `lightning.pytorch` | TensorBoard | FisherKLPenalty |
 
 The weights never change (SGD with lr 0, BatchNorm momentum 0), so each cell must log the same numbers:
-- every logged FIM statistic equals an independent float32 computation on one process
+- every logged FIM statistic (and the callback's default estimated robust accuracy) equals an independent float32 computation on one process
   (`fl.fisher_scores` on the probe set) and cell A's, to rel 1e-5: scoring runs in float32 with autocast off
   in every cell and the gather is exact, so only the float32 rounding of a different batch split can differ
   (about 1e-7);
