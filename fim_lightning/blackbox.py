@@ -19,8 +19,9 @@ and logit unit) carries more than 5% of the differenced energy, the sample's est
 warning that names it (a hard-label or quantised predictor, or a `step` too small for its precision). So are
 samples whose answer is a hard label (probability exactly 1), where the predictor is piecewise constant (some
 probes leave its answer bit-identical while others jump: a tree ensemble), and, for forward differences, where
-the O(h) truncation error exceeds 5% of the quadratic form: one extra query per sample, x - h u_1, gives the
-central difference along the first probe to compare with (a `step` too large for the predictor). Probes are
+the O(h) truncation error exceeds 5% of the quadratic form, at a step above float32's default (a predictor
+answering in half precision, or a user's `step`): one extra query per sample, x - h u_1, gives the central
+difference along the first probe to compare with. Probes are
 not clipped: a predictor that clips its inputs to a valid range would see a different direction than the one
 differenced, so the estimate assumes the model is defined slightly outside the data
 range (every neural network is); pass inputs away from hard bounds or accept the bias.
@@ -143,8 +144,8 @@ def blackbox_fisher(
             called under `torch.no_grad()` only.
         inputs: the batch (B, ...).
         num_queries: budget per sample: one query at x and two per probe, so min((num_queries - 1) // 2, d)
-            probes; with `difference="forward"` one per probe and one for the truncation check,
-            min(num_queries - 2, d) probes.
+            probes; with `difference="forward"` one per probe, min(num_queries - 1, d) probes, or one fewer where
+            the truncation check runs (a step above float32's default).
         step: the length |h u| of the finite-difference displacement; default eps^(1/3) * max(1, rms(x)) with
             eps the coarser of the inputs' and the answers' precision (module docstring).
         difference: "central" (s(x + hu) - s(x - hu)) / 2h, error O(h^2), or "forward" (s(x + hu) - s(x)) / h,
@@ -163,20 +164,24 @@ def blackbox_fisher(
     if difference not in ("central", "forward"):
         raise ValueError(f"difference must be 'central' or 'forward', got {difference!r}")
     per_probe = 2 if difference == "central" else 1
-    check = int(difference == "forward")  # one backward query: the truncation check of forward differences
-    if num_queries < 1 + per_probe + check:
-        raise ValueError(f"num_queries must be >= {1 + per_probe + check} (one query at x, {per_probe} per probe with "
-                         f"{difference} differences{', one for the truncation check' if check else ''}), got "
-                         f"{num_queries}")
-    probes = min((num_queries - 1 - check) // per_probe, dim)
+    if num_queries < 1 + per_probe:
+        raise ValueError(f"num_queries must be >= {1 + per_probe} (one query at x, {per_probe} per probe with "
+                         f"{difference} differences), got {num_queries}")
     counter = _CountingPredictor(predict, output, max_batch)
     log_p, invalid = counter.log_probs(x)
     log_p = uniform_where(invalid, log_p)
-    generator = default_generator(torch.device("cpu"), generator)
-    u = orthonormal_probes(probes, batch, dim, generator).to(x.device, x.dtype).view(probes, *x.shape)
     rms = x.flatten(1).pow(2).mean(1).sqrt().clamp_min(1.0)
     eps = max(torch.finfo(x.dtype).eps, counter.eps)
     h = step * torch.ones_like(rms) if step is not None else eps ** (1 / 3) * rms
+    # forward differences at a step above float32's default (a coarse predictor, or a user's step) are checked
+    # for their truncation error with one backward query per sample
+    check = int(difference == "forward" and bool((h > _FLOAT32_STEP * rms * (1 + 1e-6)).any()))
+    if num_queries < 1 + per_probe + check:
+        raise ValueError(f"num_queries must be >= 3 here: one query at x, one per probe and one for the truncation "
+                         f"check of forward differences at step {h.max().item():.3g}, got {num_queries}")
+    probes = min((num_queries - 1 - check) // per_probe, dim)
+    generator = default_generator(torch.device("cpu"), generator)
+    u = orthonormal_probes(probes, batch, dim, generator).to(x.device, x.dtype).view(probes, *x.shape)
     shift = h.view(1, batch, *([1] * (x.ndim - 1))) * u
     if difference == "central":
         values, failed = counter.log_probs(torch.cat([(x + shift).flatten(0, 1), (x - shift).flatten(0, 1)]), False)
@@ -184,11 +189,12 @@ def blackbox_fisher(
         directional = (values[0] - values[1]) / (2 * h.view(1, batch, 1).to(values.dtype))
         failed = failed.view(-1, batch).any(0)
     else:
-        answers, failed = counter.log_probs(torch.cat([(x + shift).flatten(0, 1), x - shift[0]]), False)
+        answers, failed = counter.log_probs(torch.cat([(x + shift).flatten(0, 1), *([x - shift[0]] * check)]), False)
         values, backward = answers[: probes * batch], answers[probes * batch:]
         directional = (values.view(probes, batch, -1) - log_p) / h.view(1, batch, 1).to(values.dtype)
-        central = (values.view(probes, batch, -1)[0] - backward) / (2 * h.view(batch, 1).to(values.dtype))
-        failed = failed[: probes * batch].view(probes, batch).any(0) | failed[probes * batch:]
+        if check:
+            central = (values.view(probes, batch, -1)[0] - backward) / (2 * h.view(batch, 1).to(values.dtype))
+        failed = failed[: probes * batch].view(probes, batch).any(0) | (failed[probes * batch:] if check else False)
     broken = failed & ~invalid
     warn_samples(broken, "the predictor's answer at a perturbed point is not finite (or a hard label)")
     invalid |= broken
@@ -197,7 +203,8 @@ def blackbox_fisher(
     weights = dual_weights(log_p)[0]
     invalid |= _at_rounding_level(directional, weights, counter, h, difference, invalid)
     if check:
-        invalid |= _truncated(directional[0], central.masked_fill(invalid[:, None], 0.0), weights, h, invalid)
+        invalid |= _truncated(directional[0], central.masked_fill(invalid[:, None], 0.0), weights, counter, h,
+                              invalid)
     images = torch.einsum("kbc,nbc->nbk", weights, math.sqrt(dim) * directional)
     estimate = sketch(images, variance_factor=(dim - probes) / (dim - 1) if dim > 1 else 0.0)
     classes = log_p.shape[1]
@@ -215,15 +222,22 @@ def blackbox_fisher(
 
 
 _TRUNCATION_SHARE = 0.05
+_FLOAT32_STEP = torch.finfo(torch.float32).eps ** (1 / 3)  # the default relative step for float32 answers
 
 
-def _truncated(forward: Tensor, central: Tensor, weights: Tensor, h: Tensor, invalid: Tensor) -> Tensor:
+def _truncated(forward: Tensor, central: Tensor, weights: Tensor, counter: _CountingPredictor, h: Tensor,
+               invalid: Tensor) -> Tensor:
     """(B,) samples whose forward differences carry an O(h) truncation error above `_TRUNCATION_SHARE` of the
-    quadratic form |W J u|^2, measured on the first probe against its central difference (O(h^2)), warned about."""
-    error = torch.einsum("kbc,bc->bk", weights, forward - central).norm(dim=1)
-    signal = torch.einsum("kbc,bc->bk", weights, central).norm(dim=1)
-    share = 2 * error / signal.clamp_min(torch.finfo(signal.dtype).tiny)  # relative error of |W d|^2
-    truncated = (share > _TRUNCATION_SHARE) & ~invalid
+    quadratic form |W J u|^2: the first probe's |W d|^2 from forward against central differences (O(h^2)). The
+    comparison has rounding noise of its own (s(x + hu) - 2 s(x) + s(x - hu) over 2h, each answer off by eps / 2):
+    a difference within three times that noise is not a finding. Warned about."""
+    image = torch.einsum("kbc,bc->bk", weights, central)
+    energy_central = image.square().sum(1).clamp_min(torch.finfo(image.dtype).tiny)
+    energy_forward = torch.einsum("kbc,bc->bk", weights, forward).square().sum(1)
+    share = (energy_forward - energy_central).abs() / energy_central
+    noise = math.sqrt(6) * counter.eps / 2 * counter.magnitude / (2 * h.to(image.dtype))
+    noise_share = 2 * noise * weights.square().sum((0, 2)).sqrt() / energy_central.sqrt()
+    truncated = (share > torch.clamp(3 * noise_share, min=_TRUNCATION_SHARE)) & ~invalid
     if truncated.any():
         warn_samples(truncated, f"the forward differences' truncation error is {share[truncated].max().item():.0%} "
                                 f"of the signal at step {h.max().item():.3g} (forward and central differences "

@@ -76,7 +76,6 @@ def from_run_dir(cfg: DictConfig) -> DictConfig:
         for key in ("evaluation", "evaluate"):
             if trained.get(key) is not None and not _overridden(key):
                 cfg[key] = trained[key]
-                log.info(f"fim-evaluate: `{key}` as the run was evaluated with (override it on the command line)")
     return cfg
 
 

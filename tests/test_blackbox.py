@@ -22,7 +22,7 @@ class _Counting:
         return self.model(x).softmax(-1)
 
 
-@pytest.mark.parametrize("difference, queries, rtol", [("central", 15, 1e-7), ("forward", 9, 1e-5)])
+@pytest.mark.parametrize("difference, queries, rtol", [("central", 15, 1e-7), ("forward", 8, 1e-5)])
 def test_agrees_with_white_box_exact_and_counts_queries(difference, queries, rtol):
     model = make_mlp().double()
     x = torch.randn(3, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -41,14 +41,13 @@ def test_agrees_with_white_box_exact_and_counts_queries(difference, queries, rto
     assert estimate.calls == predict.calls == 2 and not any(predict.grad_enabled)
 
 
-@pytest.mark.parametrize("difference, per_probe, check", [("central", 2, 0), ("forward", 1, 1)])
+@pytest.mark.parametrize("difference, per_probe", [("central", 2), ("forward", 1)])
 @pytest.mark.parametrize("budget", [3, 6, 128, 1000])
-def test_never_exceeds_the_budget(budget, difference, per_probe, check):
+def test_never_exceeds_the_budget(budget, difference, per_probe):
     model = make_mlp()
     predict = _Counting(model)
     estimate = blackbox_fisher(predict, torch.randn(4, 7), num_queries=budget, max_batch=100, difference=difference)
-    # one query at x, per_probe per probe, and for forward differences one for the truncation check
-    per_sample = 1 + per_probe * min((budget - 1 - check) // per_probe, 7) + check
+    per_sample = 1 + per_probe * min((budget - 1) // per_probe, 7)
     assert (estimate.queries == per_sample).all() and per_sample <= budget
     assert predict.points == 4 * per_sample
     assert estimate.calls == predict.calls == 1 + -(-4 * (per_sample - 1) // 100)
@@ -106,8 +105,8 @@ def test_scikit_learn_mlp_through_the_numpy_adapter():
     central = blackbox_fisher(numpy_predictor(classifier.predict_proba), x, num_queries=9, difference="central")
     assert central.queries.tolist() == [9] * len(x)  # a complete basis of the 4 features
     torch.testing.assert_close(central.spectral_norm, exact, rtol=1e-6, atol=0)
-    forward = blackbox_fisher(numpy_predictor(classifier.predict_proba), x, num_queries=6)
-    assert forward.queries.tolist() == [6] * len(x)
+    forward = blackbox_fisher(numpy_predictor(classifier.predict_proba), x, num_queries=5)
+    assert forward.queries.tolist() == [5] * len(x)
     torch.testing.assert_close(forward.spectral_norm, exact, rtol=1e-4, atol=0)  # O(h) truncation
 
 
@@ -126,8 +125,10 @@ def test_bad_predictors(predict, match):
 def test_bad_budget():
     with pytest.raises(ValueError, match="num_queries must be >= 3"):
         blackbox_fisher(lambda x: x[:, :3].softmax(-1), torch.randn(2, 7), num_queries=2, difference="central")
-    with pytest.raises(ValueError, match="num_queries must be >= 3 .* one for the truncation check"):
-        blackbox_fisher(lambda x: x[:, :3].softmax(-1), torch.randn(2, 7), num_queries=2)
+    with pytest.raises(ValueError, match="num_queries must be >= 2"):
+        blackbox_fisher(lambda x: x[:, :3].softmax(-1), torch.randn(2, 7), num_queries=1)
+    with pytest.raises(ValueError, match="num_queries must be >= 3 here: .* the truncation check"):
+        blackbox_fisher(lambda x: x[:, :3].softmax(-1), torch.randn(2, 7), num_queries=2, step=0.1)
     with pytest.raises(ValueError, match="difference must be"):
         blackbox_fisher(lambda x: x[:, :3].softmax(-1), torch.randn(2, 7), difference="backward")
 
@@ -156,15 +157,18 @@ def test_a_piecewise_constant_random_forest_is_refused_per_sample():
 
 
 def test_a_float16_predictor_gets_a_close_value_or_nan_never_a_silently_wrong_one():
+    """The issue's case: float16 answers, a user's step of 3e-2 (12% off, silently, before the checks)."""
     x = torch.randn(6, 7, generator=torch.Generator().manual_seed(0))
-    exact = fl.fisher_spectral_norm(make_mlp(), x)
-    half_model = make_mlp().half()
-    half = lambda points: half_model(points.half()).float().softmax(-1)  # noqa: E731
-    for step in (1e-2, 3e-2, 1e-1, 3e-1):
+    model = make_mlp()
+    exact = fl.fisher_spectral_norm(model, x)
+    half = lambda points: model(points.float()).softmax(-1).half()  # noqa: E731  float16 answers
+    for step in (1e-2, 3e-2):
         with pytest.warns(RuntimeWarning, match="truncation error|rounding level"):
             estimate = blackbox_fisher(half, x, num_queries=20, step=step).spectral_norm
         kept = torch.isfinite(estimate)
         assert not kept.all()
         assert ((estimate[kept] - exact[kept]).abs() <= 0.05 * exact[kept]).all(), (step, estimate, exact)
-    central = blackbox_fisher(half, x, num_queries=20, difference="central", step=3e-2).spectral_norm
-    torch.testing.assert_close(central, exact, rtol=0.03, atol=0)
+    checked = blackbox_fisher(half, x, num_queries=20, step=3e-2)
+    assert checked.queries.tolist() == [9] * 6  # 1 at x, 7 probes (a complete basis), 1 for the truncation check
+    default = blackbox_fisher(half, x, num_queries=20).spectral_norm  # the default step for float16 answers
+    torch.testing.assert_close(default, exact, rtol=0.05, atol=0)

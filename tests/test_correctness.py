@@ -201,7 +201,8 @@ def test_blackbox_step_follows_the_precision_of_the_answers():
     estimate = blackbox_fisher(endpoint, x, num_queries=21)  # 20 probes: a complete basis of the 20 inputs
     torch.testing.assert_close(estimate.spectral_norm, exact, rtol=2e-3, atol=0)
     half = lambda z: model32(z.float()).softmax(-1).half()  # noqa: E731  float16 answers
-    estimate = blackbox_fisher(half, x.float(), num_queries=21)
+    estimate = blackbox_fisher(half, x.float(), num_queries=22)  # 20 probes + the truncation check's query
+    assert estimate.queries.tolist() == [22] * len(x)
     torch.testing.assert_close(estimate.spectral_norm, exact, rtol=0.05, atol=0)
 
 
