@@ -14,7 +14,8 @@ bracket is widened by doubling (at most `_EXPANSIONS` times) until the class cha
 point is an adversarial example at distance s, so the estimate never exceeds the distance along u (to the
 bisection's resolution), and it equals d_1 for a linear model (to 1e-4). Where the class does not change
 within 2^_EXPANSIONS d_1 along u, d_1 is kept.
-Cost: one forward pass per tested point, about 12 with the default.
+Cost: one forward pass per tested point, about 10 with the default (the widening only where the class has not
+changed yet).
 
 Known bias: the estimate is the distance along one direction chosen at x. Where the nearest boundary lies along
 a direction that the gradient at x does not point to (adversarially trained models, whose margins are flat at x
@@ -113,21 +114,26 @@ def minimal_perturbation(op: FisherOperator, norm: Norm, line_steps: int = 8, ch
         moved = op.inputs + step.to(op.inputs.dtype).view(shape) * direction
         return moved if bounds is None else moved.clamp(*bounds)
 
-    def changed(step: Tensor) -> Tensor:
-        with torch.no_grad():
-            moved = op.log_probs_at(point(step))
-        return moved.argmax(1) != top.squeeze(1)
+    def changed(step: Tensor, rows: Tensor) -> Tensor:
+        """Whether x + step u is classified otherwise, evaluated on `rows` only (False elsewhere)."""
+        result = torch.zeros_like(rows)
+        if rows.any():
+            with torch.no_grad():
+                moved = op.log_probs_at(point(step)[rows])
+            result[rows] = moved.argmax(1) != top.squeeze(1)[rows]
+        return result
 
+    everyone = torch.ones_like(op.invalid)
     low, high = torch.zeros_like(first), first * (1 + _BEYOND)  # just past the first-order crossing
-    crossed = changed(high)
-    for _ in range(_EXPANSIONS):
+    crossed = changed(high, everyone)
+    for _ in range(_EXPANSIONS):  # only where the class has not changed yet
         wider = torch.where(crossed, high, 2 * high)
-        now = changed(wider)
+        now = changed(wider, ~crossed)
         low = torch.where(crossed | ~now, torch.where(crossed, low, wider), high)
         high, crossed = torch.where(crossed, high, wider), crossed | now
-    for _ in range(line_steps):
+    for _ in range(line_steps):  # only where a crossing is bracketed
         middle = (low + high) / 2
-        now = changed(middle) & crossed
+        now = changed(middle, crossed)
         high, low = torch.where(now, middle, high), torch.where(now | ~crossed, low, middle)
     reached = point(torch.where(crossed, high, first)).detach()
     if bounds is not None:  # the displacement actually made inside the box
