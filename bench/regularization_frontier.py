@@ -68,6 +68,8 @@ SETTINGS = {
                                     for w in (0.1, 0.3, 1.0)},
     "FisherKLPenalty": {f"w={w}": {"penalty": partial(fl.FisherKLPenalty, weight=w)} for w in (0.1, 0.3, 1.0)},
     "TRADES": {f"beta={b}": {"penalty": partial(attacks.TradesPenalty, beta=b)} for b in (1.0, 3.0, 6.0)},
+    # the closest published Fisher peer (Picot et al. 2022): TRADES with the squared Fisher-Rao distance
+    "FIRE": {f"beta={b}": {"penalty": partial(attacks.FirePenalty, beta=b)} for b in (1.0, 3.0, 6.0)},
     "PGD-AT": {f"eps={e}/255": {"adversarial": partial(attacks.PGD, eps=e / 255, step_size=e / 255 / 4)}
                for e in (2, 4, 8)},
     # the cheap adversarial-training baseline (fast AT, cf. Wong et al. 2020): 2 steps of eps / 2 from a

@@ -30,11 +30,11 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
 class PGD(nn.Module):
     """Projected gradient ascent of a loss within an `eps`-ball around x, clipped to [0, 1] (Madry et al.).
 
-    The loss is cross-entropy against `labels`, or KL(p_target || p(x')) against `target_log_probs`
-    (TRADES' inner maximisation)."""
+    The loss is cross-entropy against `labels`, or a divergence from `target_log_probs`: KL(p_target || p(x'))
+    (TRADES' inner maximisation) or the squared Fisher-Rao distance (FIRE's), `divergence="fisher_rao"`."""
 
     def __init__(self, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10, norm: Norm = "linf",
-                 random_start: bool = True, seed: int = 0) -> None:
+                 random_start: bool = True, seed: int = 0, divergence: str = "kl") -> None:
         super().__init__()
         self.eps = check_real("eps", eps, 0.0, strict=True)
         self.step_size = check_real("step_size", step_size, 0.0, strict=True)
@@ -42,6 +42,7 @@ class PGD(nn.Module):
         self.norm = check_choice("norm", norm, ("linf", "l2"))
         self.random_start = check_bool("random_start", random_start)
         self.seed = check_int("seed", seed)
+        self.divergence = check_choice("divergence", divergence, tuple(DIVERGENCES))
         self._generator: Optional[torch.Generator] = None
 
     def _random_start(self, x: Tensor) -> Tensor:
@@ -73,7 +74,7 @@ class PGD(nn.Module):
                 if labels is not None:
                     loss = nn.functional.nll_loss(log_q, labels, reduction="sum")
                 else:
-                    loss = kl_divergence(target_log_probs, log_q).sum()
+                    loss = DIVERGENCES[self.divergence](target_log_probs, log_q).sum()
                 (grad,) = torch.autograd.grad(loss, delta)
                 if self.norm == "linf":
                     step = self.step_size * grad.sign()
@@ -114,6 +115,21 @@ class CarliniWagnerL2(nn.Module):
         return (x + delta.detach()).clamp(0, 1)
 
 
+def fisher_rao_distance(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """2 arccos(sum_y sqrt(p_y q_y)) per row: the Fisher-Rao (geodesic) distance between two categorical
+    distributions; its square is 2 KL(p || q) to second order. Computed as 4 arcsin(H / 2) with the Hellinger
+    length H = |sqrt p - sqrt q|_2 (the same number): no cancellation and a finite slope near p = q, where
+    arccos of a coefficient close to 1 has neither."""
+    hellinger = ((0.5 * log_p).exp() - (0.5 * log_q).exp()).norm(dim=-1)
+    return 4 * torch.asin((hellinger / 2).clamp(max=1.0))
+
+
+DIVERGENCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "kl": kl_divergence,
+    "fisher_rao": lambda log_p, log_q: fisher_rao_distance(log_p, log_q).square(),
+}
+
+
 class TradesPenalty(nn.Module):
     """TRADES (Zhang et al. 2019): beta * KL(p(x) || p(x_adv)), x_adv from PGD on that KL. Same call as the
     Fisher penalties: `penalty(model, inputs, step=..., logits=...)`."""
@@ -132,6 +148,28 @@ class TradesPenalty(nn.Module):
         adversarial = self.attack(model, inputs, target_log_probs=log_p.detach())
         log_q = model(adversarial).float().log_softmax(-1)
         return self.beta * kl_divergence(log_p, log_q).mean()
+
+
+class FirePenalty(nn.Module):
+    """FIRE (Picot et al. 2022, Fisher-Rao regularisation): TRADES with the KL replaced by the squared Fisher-Rao
+    distance between the two categorical distributions, beta * d_FR(p(x), p(x_adv))^2, x_adv from PGD on that
+    distance. The closest published Fisher peer of the plugin's penalties; same call as them."""
+
+    def __init__(self, beta: float = 6.0, attack: Optional[PGD] = None) -> None:
+        super().__init__()
+        self.beta = check_real("beta", beta, 0.0)
+        if attack is not None and (not isinstance(attack, PGD) or attack.divergence != "fisher_rao"):
+            raise TypeError("attack must be a PGD with divergence='fisher_rao'")
+        self.attack = attack if attack is not None else PGD(eps=8 / 255, step_size=2 / 255, steps=10,
+                                                            divergence="fisher_rao")
+
+    def forward(self, model: Callable, inputs: Tensor, step: Optional[int] = None,
+                logits: Optional[Tensor] = None) -> Tensor:
+        logits = model(inputs) if logits is None else logits
+        log_p = logits.float().log_softmax(-1)
+        adversarial = self.attack(model, inputs, target_log_probs=log_p.detach())
+        log_q = model(adversarial).float().log_softmax(-1)
+        return self.beta * fisher_rao_distance(log_p, log_q).square().mean()
 
 
 @contextmanager

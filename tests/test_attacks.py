@@ -1,4 +1,6 @@
 """Training-time PGD, CW and TRADES; the ART-based evaluation attacks and CLEVER against closed forms on linear models."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,34 @@ def test_training_carlini_wagner_flips_linear_predictions_at_their_distance():
     assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="labels only"):
         CarliniWagnerL2()(model, x)
+
+
+def test_fisher_rao_distance_has_its_closed_form_and_tends_to_the_kl():
+    from recipes.attacks import fisher_rao_distance
+
+    p, q = torch.tensor([[0.3, 0.7]], dtype=torch.float64), torch.tensor([[0.6, 0.4]], dtype=torch.float64)
+    expected = 2 * math.acos(math.sqrt(0.3 * 0.6) + math.sqrt(0.7 * 0.4))
+    assert fisher_rao_distance(p.log(), q.log()).item() == pytest.approx(expected, rel=1e-12)
+    base = torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64)
+    shifted = (base.log() + 1e-3 * torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)).log_softmax(-1)
+    kl = (base * (base.log() - shifted)).sum()
+    assert fisher_rao_distance(base.log(), shifted).square().item() == pytest.approx(2 * kl.item(), rel=1e-3)
+
+
+def test_fire_penalty_is_a_differentiable_scalar_and_its_attack_maximises_the_distance():
+    from recipes.attacks import FirePenalty, fisher_rao_distance
+
+    model = make_cnn()
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    value = FirePenalty(beta=6.0, attack=PGD(steps=3, divergence="fisher_rao"))(model, x)
+    assert value.ndim == 0 and value.item() > 0
+    value.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    log_p = model(x).log_softmax(-1).detach()
+    start = PGD(steps=1, step_size=1e-12, divergence="fisher_rao")(model, x, target_log_probs=log_p)  # the start
+    far = PGD(steps=10, divergence="fisher_rao")(model, x, target_log_probs=log_p)  # the same seeded start
+    with torch.no_grad():
+        moved = fisher_rao_distance(log_p, model(far).log_softmax(-1))
+        assert (moved > 2 * fisher_rao_distance(log_p, model(start).log_softmax(-1))).all()
+    with pytest.raises(TypeError, match="divergence='fisher_rao'"):
+        FirePenalty(attack=PGD())
