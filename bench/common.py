@@ -20,6 +20,23 @@ def data_dir() -> Path:
     return Path(os.environ.get("FIM_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
+def autoattack_robust(net: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float,
+                      version: str = "custom", seed: int = 0) -> np.ndarray:
+    """(N,) robust under AutoAttack (the reference `pyautoattack`): APGD-CE + APGD-T with the standard version's
+    settings (100 iterations, one restart, 9 target classes), or `version="standard"` (with FAB-T and Square)."""
+    from pyautoattack import AutoAttack
+
+    options = {"attacks": ["apgd-ce", "apgd-t"]} if version == "custom" else {}
+    attack = AutoAttack(net, norm={"l2": "L2", "linf": "Linf"}[norm], eps=eps, version=version, seed=seed,
+                        device=x.device, **options)
+    attack.verbose = False
+    if version == "custom":
+        attack.apgd.n_restarts, attack.apgd_targeted.n_target_classes, attack.apgd_targeted.n_restarts = 1, 9, 1
+    adversarial, _ = attack.run_standard_evaluation(x.contiguous(), y, batch_size=256)
+    with torch.no_grad():
+        return ((net(x).argmax(1) == y) & (net(adversarial).argmax(1) == y)).cpu().numpy()
+
+
 def cifar_images(split: str = "test", count: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Real CIFAR-10 images in [0, 1], (N, 3, 32, 32), and labels, from the offline npz subset."""
     archive = np.load(data_dir() / "cifar10_subset.npz")

@@ -42,7 +42,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fim_lightning as fl  # noqa: E402
-from bench.common import data_dir, machine, quiet_lightning  # noqa: E402
+from bench.common import autoattack_robust, data_dir, machine, quiet_lightning  # noqa: E402
 from fim_lightning.figures import new_figure, save  # noqa: E402
 from fim_lightning.module import FisherRegularizedClassifier  # noqa: E402
 from recipes import attacks  # noqa: E402
@@ -121,6 +121,10 @@ def run(data: pl.LightningDataModule, method: str, setting: str, seed: int, epoc
     return {"clean": clean, "train_s": seconds,
             "pgd_linf": attacks.robust_accuracy(net, x, y, norm="linf", eps=EPS, step_size=EPS / 4),
             "pgd_l2": attacks.robust_accuracy(net, x, y, norm="l2", eps=0.5, step_size=0.125),
+            # AutoAttack's APGD-CE + APGD-T (standard settings) at the same radii: gradient masking shows as PGD
+            # accuracy far above it
+            "aa_linf": float(autoattack_robust(net, x, y, "linf", EPS).mean()),
+            "aa_l2": float(autoattack_robust(net, x, y, "l2", 0.5).mean()),
             "median_min_perturbation": float(np.median(attacks.minimal_perturbation(net, x, search_steps=5)))}
 
 
@@ -236,12 +240,28 @@ def report(rows: list[dict], name: str, evaluated: int, stem: Path) -> str:
                          f"{s['median_min_perturbation'][0] / r['median_min_perturbation'][0]:.2f} | "
                          f"{cell(cost[method][:2], cost[method][2], 0)} ({cost[method][2]} runs) | "
                          f"{f'{time_ratio:.2f}' if sharing == 1 else '-'} | {verdict} |")
+    lines += masking_section(rows)
     plot = save(pareto_figure(summary, name, floor, sized=sharing == 1), stem.with_suffix(".png"))
     root = RESULTS.parents[1]
     lines += ["", f"plot: {plot.relative_to(root) if plot.is_relative_to(root) else plot}"]
     text = "\n".join(lines)
     stem.with_suffix(".md").write_text(text + "\n")
     return text
+
+
+def masking_section(rows: list[dict]) -> list[str]:
+    """PGD minus AutoAttack (APGD-CE + APGD-T) accuracy per method and setting, where the rows have both (rows
+    from before AutoAttack was added have none; the section is then absent)."""
+    attacked = [row for row in rows if "aa_linf" in row]
+    if not attacked:
+        return []
+    lines = ["", "PGD minus AutoAttack accuracy (APGD-CE + APGD-T, `pyautoattack`), points, mean over seeds:", "",
+             "| method | setting | seeds | L-inf 8/255: PGD - AA | L2 0.5: PGD - AA |", "|---|---|---:|---:|---:|"]
+    for key in dict.fromkeys((row["method"], row["setting"]) for row in attacked):
+        group = [row for row in attacked if (row["method"], row["setting"]) == key]
+        gaps = [100 * np.mean([row[f"pgd_{norm}"] - row[f"aa_{norm}"] for row in group]) for norm in ("linf", "l2")]
+        lines.append(f"| {key[0]} | {key[1]} | {len(group)} | {gaps[0]:+.1f} | {gaps[1]:+.1f} |")
+    return lines
 
 
 def pareto_figure(summary: dict, name: str, floor: float | None, sized: bool = True):

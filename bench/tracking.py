@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fim_lightning as fl  # noqa: E402
-from bench.common import machine, quiet_lightning  # noqa: E402
+from bench.common import autoattack_robust, machine, quiet_lightning  # noqa: E402
 from bench.regularization_frontier import OPTIMIZER, cosine, data_module  # noqa: E402
 from fim_lightning.module import FisherRegularizedClassifier  # noqa: E402
 from fim_lightning.robustness import robust_distances  # noqa: E402
@@ -77,21 +77,6 @@ def margin_gradients(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     (gradient,) = torch.autograd.grad(margin.sum(), x)
     flat = gradient.flatten(1)
     return margin.detach().double(), flat.norm(p=2, dim=1).double(), flat.norm(p=1, dim=1).double()
-
-
-def autoattack_robust(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float,
-                      version: str = "custom", seed: int = 0) -> np.ndarray:
-    """(N,) robust under AutoAttack: APGD-CE + APGD-T (standard settings) or the whole standard version."""
-    from pyautoattack import AutoAttack
-
-    options = {"attacks": ["apgd-ce", "apgd-t"]} if version == "custom" else {}
-    attack = AutoAttack(net, norm={"l2": "L2", "linf": "Linf"}[norm], eps=eps, version=version, seed=seed, **options)
-    attack.verbose = False
-    if version == "custom":
-        attack.apgd.n_restarts, attack.apgd_targeted.n_target_classes, attack.apgd_targeted.n_restarts = 1, 9, 1
-    adversarial, _ = attack.run_standard_evaluation(x.contiguous(), y, batch_size=256)
-    with torch.no_grad():
-        return ((net(x).argmax(1) == y) & (net(adversarial).argmax(1) == y)).numpy()
 
 
 def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, data: str, aa_probes: int) -> dict:
