@@ -131,8 +131,8 @@ DIVERGENCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 class TradesPenalty(nn.Module):
-    """TRADES (Zhang et al. 2019): beta * KL(p(x) || p(x_adv)), x_adv from PGD on that KL. Same call as the
-    Fisher penalties: `penalty(model, inputs, step=..., logits=...)`."""
+    """TRADES (Zhang et al. 2019): beta * KL(p(x) || p(x_adv)), x_adv from PGD on that KL (the attack's
+    divergence, as FIRE swaps it). Same call as the Fisher penalties: `penalty(model, inputs, step=..., logits=...)`."""
 
     def __init__(self, beta: float = 6.0, attack: Optional[PGD] = None) -> None:
         super().__init__()
@@ -147,29 +147,19 @@ class TradesPenalty(nn.Module):
         log_p = logits.float().log_softmax(-1)
         adversarial = self.attack(model, inputs, target_log_probs=log_p.detach())
         log_q = model(adversarial).float().log_softmax(-1)
-        return self.beta * kl_divergence(log_p, log_q).mean()
+        return self.beta * DIVERGENCES[self.attack.divergence](log_p, log_q).mean()
 
 
-class FirePenalty(nn.Module):
+class FirePenalty(TradesPenalty):
     """FIRE (Picot et al. 2022, Fisher-Rao regularisation): TRADES with the KL replaced by the squared Fisher-Rao
     distance between the two categorical distributions, beta * d_FR(p(x), p(x_adv))^2, x_adv from PGD on that
     distance. The closest published Fisher peer of the plugin's penalties; same call as them."""
 
     def __init__(self, beta: float = 6.0, attack: Optional[PGD] = None) -> None:
-        super().__init__()
-        self.beta = check_real("beta", beta, 0.0)
         if attack is not None and (not isinstance(attack, PGD) or attack.divergence != "fisher_rao"):
             raise TypeError("attack must be a PGD with divergence='fisher_rao'")
-        self.attack = attack if attack is not None else PGD(eps=8 / 255, step_size=2 / 255, steps=10,
-                                                            divergence="fisher_rao")
-
-    def forward(self, model: Callable, inputs: Tensor, step: Optional[int] = None,
-                logits: Optional[Tensor] = None) -> Tensor:
-        logits = model(inputs) if logits is None else logits
-        log_p = logits.float().log_softmax(-1)
-        adversarial = self.attack(model, inputs, target_log_probs=log_p.detach())
-        log_q = model(adversarial).float().log_softmax(-1)
-        return self.beta * fisher_rao_distance(log_p, log_q).square().mean()
+        super().__init__(beta, attack if attack is not None else PGD(eps=8 / 255, step_size=2 / 255, steps=10,
+                                                                      divergence="fisher_rao"))
 
 
 @contextmanager
