@@ -17,6 +17,7 @@ AutoAttack at the checkpoints each signal selects (`--standard`).
 
     python bench/tracking.py --data cifar10 --regime fgsm --seed 0       # one job (resumes)
     python bench/tracking.py --data cifar10 --report                     # the report from the rows so far
+    python bench/tracking.py --data cifar10 --regime fgsm --cost 8       # the estimate's cost against PGD-20
 
 Regimes (fixed before the estimate's errors were looked at): `plain`; `pgd_at` (PGD L-inf 10 steps of eps / 4
 from a random start); `trades` (beta 6); `fgsm` (FGSM without random start, one step of size eps: catastrophic
@@ -171,6 +172,27 @@ def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: in
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() and done else None)
 
 
+def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, epoch: int) -> str:
+    """The estimate's cost against PGD-20 at every radius, in one process, on a saved epoch's weights."""
+    datamodule = data_module(data, train)
+    datamodule.setup("fit")
+    x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
+    net = SmallCNN(datamodule.in_channels, 10)
+    folder = RESULTS / "weights" / f"{data}_{name}_s{seed}_e{epochs}_t{train}"
+    net.load_state_dict(torch.load(folder / f"epoch{epoch}.pt"))
+    net.eval()
+    start = time.perf_counter()
+    robust_distances(net, x, ("l2", "linf"), mode="eval", bounds=(0.0, 1.0))
+    estimate = time.perf_counter() - start
+    start = time.perf_counter()
+    for norm, radii in RADII[data].items():
+        for eps in radii:
+            attacks.robust_accuracy(net, x, y, norm=norm, eps=eps, steps=20, step_size=eps / 4)
+    pgd = time.perf_counter() - start
+    return (f"machine: {machine()}\n{data} {name} seed {seed} epoch {epoch}, {len(x)} probes: estimate {estimate:.1f} s, "
+            f"PGD-20 at {sum(map(len, RADII[data].values()))} radii {pgd:.1f} s, ratio {estimate / pgd:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=tuple(RADII), default="cifar10")
@@ -181,6 +203,8 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=512)
     parser.add_argument("--aa-probes", type=int, default=256)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--cost", type=int, metavar="EPOCH", help="time the estimate against PGD-20 on that epoch's "
+                                                                  "saved weights of the job")
     args = parser.parse_args()
     quiet_lightning()
     if args.report:
@@ -189,6 +213,9 @@ def main() -> None:
         text = report(args.data, load_rows(args.data))
         (RESULTS / f"{args.data}.md").write_text(text)
         print(text)
+        return
+    if args.cost is not None:
+        print(cost(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.cost))
         return
     run_job(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.aa_probes)
 
