@@ -83,9 +83,13 @@ def _run_name(trainer: pl.Trainer) -> str:
 
 
 class FisherRobustnessCallback(*CALLBACK_BASES):
-    r"""Score a fixed probe set of held-out samples with the input-space Fisher information and log it.
+    r"""Score a fixed probe set of held-out samples for robustness and log it.
 
-    For each probe x: lambda_max(F(x)), tr F(x) and the robustness radius
+    The curve to watch: the estimated robust accuracy ``{prefix}/robust_accuracy/{norm}/{eps}`` (the share of
+    probes classified correctly and keeping their class within the eps-ball, `fim_lightning.robustness`) beside
+    the probes' clean ``{prefix}/accuracy``, with the collapse alarm ``{prefix}/alarm/robust_collapse`` and,
+    with `attacks=`, a real attack's value beside the estimate. Then, for each probe x: lambda_max(F(x)),
+    tr F(x) and the robustness radius
     (log p_1 - log p_2) / sqrt(lambda_max), where F(x) = J^T (diag p - p p^T) J. Their summaries (mean,
     median, 90th percentile, max) go to every logger as ``{prefix}/spectral_norm/mean`` and so on, against the
     global step (``{prefix}/test/spectral_norm/mean`` for a standalone ``test``, likewise ``validate``), and into
