@@ -21,10 +21,10 @@ samples whose answer is a hard label (probability exactly 1), where the predicto
 probes leave its answer bit-identical while others jump: a tree ensemble), and, for forward differences, where
 the O(h) truncation error exceeds 5% of the quadratic form, at a step above float32's default (a predictor
 answering in half precision, or a user's `step`): one extra query per sample, x - h u_1, gives the central
-difference along the first probe to compare with. Probes are
-not clipped: a predictor that clips its inputs to a valid range would see a different direction than the one
-differenced, so the estimate assumes the model is defined slightly outside the data
-range (every neural network is); pass inputs away from hard bounds or accept the bias.
+difference along the first probe to compare with. Probes are not clipped: a predictor that clips its inputs to
+a valid range would see a different direction than the one differenced, so the estimate assumes the model is
+defined slightly outside the data range (every neural network is); pass inputs away from hard bounds or accept
+the bias.
 
 Limit: below K ~ d the error is that of a chi-square with K degrees of freedom, median |error| about
 0.67 sqrt(2 (d - K) / (K d)) of lambda_max, unless the input gradients concentrate in a subspace known in advance.

@@ -22,10 +22,11 @@ from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_op
 from fim_lightning.guard import forked_rng, preserved_state
 from fim_lightning.operator import OUTPUT_KINDS, OutputKind, as_class_scores
 from fim_lightning.reductions import SUMMARY, summarize
-from fim_lightning.robustness import NORMS, check_bounds, check_eps, robust_distances
+from fim_lightning.robustness import NORMS, check_bounds, check_eps, robust_accuracy, robust_distances
 from fim_lightning.validation import check_bool, check_choice, check_int, check_real, check_str
 
 _SCORES = ("spectral_norm", "trace", "radius")
+_CORRECT = len(_SCORES)  # with labels: the column of "correctly classified", then one distance column per norm
 INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values", "img", "data")
 LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 DEFAULT_EPS: dict[str, tuple[float, ...]] = {"l2": (0.25, 0.5), "linf": (2 / 255, 8 / 255)}
@@ -556,11 +557,10 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
                 outcomes[:mine, column] = self._attack_outcome(model, attack, x, y, norm, radius).to(torch.float64)
         seconds = time.perf_counter() - start
         measured = self._gather(trainer, outcomes, len(self._probe_inputs), world)[:count]
-        correct = values[:count, len(_SCORES)] > 0.5
+        correct = values[:count, _CORRECT] > 0.5
         stats = {f"{self.prefix}/attack/seconds": seconds}
         for column, (norm, radius) in enumerate(self.attacks):
-            offset = len(_SCORES) + 1 + list(self.eps).index(norm)
-            estimate = (correct & (values[:count, offset] > radius)).double().mean().item()
+            estimate = robust_accuracy(values[:count, self._distance_column(norm)], correct, [radius]).item()
             attacked = measured[:, column].mean().item()
             suffix = f"{norm}/{radius:.4g}"
             stats.update({f"{self.prefix}/attack/robust_accuracy/{suffix}": attacked,
@@ -600,13 +600,16 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         robust at eps if correct and its estimated distance exceeds eps; NaN distances are not robust)."""
         if values.shape[1] == len(_SCORES):
             return {}
-        correct = values[:, len(_SCORES)] > 0.5
+        correct = values[:, _CORRECT] > 0.5
         stats = {f"{self.prefix}/accuracy": correct.double().mean().item()}
-        for offset, (norm, radii) in enumerate(self.eps.items(), start=len(_SCORES) + 1):
-            for radius in radii:
-                robust = correct & (values[:, offset] > radius)
-                stats[eps_key(self.prefix, norm, radius)] = robust.double().mean().item()
+        for norm, radii in self.eps.items():
+            shares = robust_accuracy(values[:, self._distance_column(norm)], correct, radii)
+            stats.update({eps_key(self.prefix, norm, radius): share for radius, share in zip(radii, shares.tolist())})
         return stats
+
+    def _distance_column(self, norm: str) -> int:
+        """The column of `norm`'s estimated distance in the scored values (after the scores and `_CORRECT`)."""
+        return _CORRECT + 1 + list(self.eps).index(norm)
 
     def logged_key(self, key: str, stage: str) -> str:
         """The key a statistic is logged under: `{prefix}/...` while fitting, `{prefix}/{stage}/...` in a
@@ -630,9 +633,6 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         except Exception as error:  # never hide the exception that stopped the run
             warnings.warn(f"FisherRobustnessCallback could not write its figures after {exception!r}: {error!r}")
 
-    def _share_labels(self, labels: Optional[Tensor]) -> Optional[Tensor]:
-        return labels if self.eps else None
-
     def _score_share(self, share: Tensor, pl_module: pl.LightningModule,
                      share_labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """(n, 3) spectral norm, trace, radius of this rank's probes (with labels and `eps`: then whether each is
@@ -645,7 +645,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             generator.set_state(self._generator_state)
             options["generator"] = generator
         columns, vectors, predictions = [], [], []
-        labels = self._share_labels(share_labels)
+        labels = share_labels if self.eps else None
         for start in range(0, len(share), self.batch_size):
             chunk = share[start: start + self.batch_size].to(pl_module.device)
             model = self._scored_model(pl_module)
@@ -662,7 +662,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             predictions.append(scores.prediction[:wanted].cpu())
         if generator is not None:
             self._generator_state = generator.get_state()
-        width = len(_SCORES) + (1 + len(self.eps) if labels is not None else 0)
+        width = _CORRECT + 1 + len(self.eps) if labels is not None else len(_SCORES)
         local = torch.cat(columns) if columns else torch.zeros(0, width, dtype=torch.float64)
         if not vectors:
             return local.to(pl_module.device), torch.zeros(0), torch.zeros(0, dtype=torch.long)

@@ -269,7 +269,8 @@ class FisherOperator:
 
     def _check_per_sample(self, scores: Tensor) -> None:
         """F(x_i) is per sample: a model whose output for one sample depends on another (`x - x.mean(0)`)
-        has no such Fisher information. Checked once, on two samples: sample 0 moved, sample 1 watched."""
+        has no such Fisher information. Checked once, on two samples: sample 0 moved, sample 1 watched. Both
+        passes take the same two-sample batch (not the recorded output), so a replayed dropout mask is the same."""
         if self.batch_size < 2:
             return
         pair = self.inputs[:2].detach().clone()

@@ -83,10 +83,10 @@ class FisherPenalty(nn.Module):
             return inputs.new_zeros(())
         if logits is not None and not self._reusable(model, inputs, logits):
             logits = None
-        if logits is not None:
-            self._check_logits(model, inputs, logits)
         with preserved_state(model, inputs, mode=self.mode, second_order=True) as self._passes:
             try:
+                if logits is not None:
+                    self._check_logits(model, inputs, logits)
                 values = self.per_sample(model, inputs.detach(), logits)
             finally:
                 self._passes = EVAL_PASSES
@@ -103,13 +103,13 @@ class FisherPenalty(nn.Module):
         return precise and shaped and not (self.mode == "train" and active_dropout(model))
 
     def _check_logits(self, model: Callable, inputs: Tensor, logits: Tensor) -> None:
-        """The caller's logits must be those of `inputs`: row 0 recomputed (one sample's forward). Skipped with
-        BatchNorm batch statistics (`mode="train"`), where one row depends on the whole batch and checking it
-        would cost the forward the reuse saves."""
+        """The caller's logits must be those of `inputs`: row 0 recomputed (one sample's forward, inside the
+        penalty's guard). Skipped with BatchNorm batch statistics (`mode="train"`), where one row depends on the
+        whole batch and checking it would cost the forward the reuse saves."""
         if self.mode == "train" and isinstance(model, nn.Module) and any(
                 isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             return
-        with preserved_state(model, inputs, mode=self.mode), torch.no_grad():
+        with torch.no_grad():
             row = log_probs_from_output(model(inputs[:1].detach()), self.output)[0]
         given = log_probs_from_output(logits[:1].detach(), self.output)[0]
         gap = (row - given).abs().max().item()

@@ -142,22 +142,28 @@ def minimal_perturbation(op: FisherOperator, norm: Norm, line_steps: int = 8, ch
     return Perturbation(op.nan_invalid(distance), direction.detach(), reached, crossed & ~op.invalid)
 
 
-def robust_distances(model: Callable, inputs: Tensor, norms: Sequence[Norm], *, line_steps: int = 8,
-                     bounds: Optional[tuple[float, float]] = None, output: OutputKind = "logits",
-                     mode: Optional[Mode] = None, model_dtype: Optional[torch.dtype] = None,
-                     chunk_size: Optional[int] = None) -> dict[str, Tensor]:
-    """`estimated_minimal_perturbation` in each of `norms`, sharing one forward pass and the C - 1 VJPs."""
+def _distances(model: Callable, inputs: Tensor, norms: Sequence[Norm], *, line_steps: int = 8,
+               bounds: Optional[tuple[float, float]] = None, output: OutputKind = "logits",
+               mode: Optional[Mode] = None, model_dtype: Optional[torch.dtype] = None,
+               chunk_size: Optional[int] = None) -> tuple[dict[str, Tensor], Tensor]:
+    """The estimated distance in each of `norms` (one forward pass and the C - 1 VJPs shared) and the
+    predicted classes: the one body of the public functions below."""
     for norm in norms:
-        _check(norm, line_steps)
+        check_choice("norm", norm, NORMS)
+    check_int("line_steps", line_steps, 0)
+    check_int("chunk_size", chunk_size, 1, allow_none=True)
+    bounds = check_bounds(bounds)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         found = margin_gradients(op, chunk_size)
-        return {norm: minimal_perturbation(op, norm, line_steps, chunk_size, check_bounds(bounds), found).distance
-                for norm in norms}
+        distances = {norm: minimal_perturbation(op, norm, line_steps, chunk_size, bounds, found).distance
+                     for norm in norms}
+        return distances, op.log_probs.argmax(1)
 
 
-def _check(norm: str, line_steps: int) -> None:
-    check_choice("norm", norm, NORMS)
-    check_int("line_steps", line_steps, 0)
+def robust_distances(model: Callable, inputs: Tensor, norms: Sequence[Norm], **options) -> dict[str, Tensor]:
+    """`estimated_minimal_perturbation` in each of `norms`, sharing one forward pass and the C - 1 VJPs (the same
+    options)."""
+    return _distances(model, inputs, norms, **options)[0]
 
 
 def estimated_minimal_perturbation(
@@ -187,10 +193,11 @@ def estimated_minimal_perturbation(
         >>> fl.estimated_minimal_perturbation(net, x, "linf")  # |x_0 - x_1| / 2
         tensor([0.4000], dtype=torch.float64)
     """
-    _check(norm, line_steps)
-    check_int("chunk_size", chunk_size, 1, allow_none=True)
-    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
-        return minimal_perturbation(op, norm, line_steps, chunk_size, check_bounds(bounds)).distance
+    return _distances(model, inputs, (norm,), line_steps=line_steps, bounds=bounds, output=output, mode=mode,
+                      model_dtype=model_dtype, chunk_size=chunk_size)[0][norm]
+
+
+_OPTIONS = ("line_steps", "bounds", "output", "mode", "model_dtype", "chunk_size")
 
 
 def check_bounds(bounds: object) -> Optional[tuple[float, float]]:
@@ -245,17 +252,10 @@ def estimated_robust_accuracy(
     if not isinstance(labels, Tensor) or labels.shape != inputs.shape[:1] or labels.is_floating_point():
         raise ValueError(f"labels must be an integer tensor of shape ({inputs.shape[0]},), got "
                          f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
-    unknown = set(options) - {"line_steps", "bounds", "output", "mode", "model_dtype", "chunk_size"}
+    unknown = set(options) - set(_OPTIONS)
     if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; estimated_robust_accuracy takes line_steps, bounds, "
-                        "output, mode, model_dtype, chunk_size")
-    line_steps = options.pop("line_steps", 8)
-    _check(norm, line_steps)
-    check_int("chunk_size", options.get("chunk_size"), 1, allow_none=True)
-    with fisher_operator(model, inputs, output=options.get("output", "logits"), mode=options.get("mode"),
-                         model_dtype=options.get("model_dtype")) as op:
-        distance = minimal_perturbation(op, norm, line_steps, options.get("chunk_size"),
-                                        check_bounds(options.get("bounds"))).distance
-        correct = op.log_probs.argmax(1) == labels.to(op.log_probs.device)
-    return robust_accuracy(distance, correct & torch.isfinite(distance), radii)
-
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; estimated_robust_accuracy takes "
+                        f"{', '.join(_OPTIONS)}")
+    distances, predicted = _distances(model, inputs, (norm,), **options)
+    correct = predicted == labels.to(predicted.device)
+    return robust_accuracy(distances[norm], correct & torch.isfinite(distances[norm]), radii)

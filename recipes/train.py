@@ -21,6 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from fim_lightning import FisherRobustnessCallback
 from fim_lightning.figures import curves_figure, save
+from fim_lightning.validation import check_int
 from recipes.common import CONFIG_DIR, exit_on_sigterm, quote_path_overrides
 from recipes.scoring import score_split
 
@@ -89,11 +90,8 @@ def check_config(cfg: DictConfig) -> None:
     """The integer options of the trainer and the seed, named when they are not integers (Lightning would fail
     deep inside fit, or not at all)."""
     for key, minimum in TRAINER_INTEGERS.items():
-        value = cfg.trainer.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-            raise ValueError(f"trainer.{key} must be an integer >= {minimum}, got {value!r}")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+        check_int(f"trainer.{key}", cfg.trainer.get(key), minimum, allow_none=True)
+    check_int("seed", cfg.seed)
 
 
 def train(cfg: DictConfig) -> dict:
