@@ -54,9 +54,9 @@ AA_RADII = {"cifar10": {"l2": (0.25, 0.5), "linf": (2 / 255, 8 / 255)},
 TRAIN_EPS = {"cifar10": 8 / 255, "fashion_mnist": 0.1}
 
 
-def regime(name: str, data: str) -> dict:
-    """The module options of a regime on a data set."""
-    eps = TRAIN_EPS[data]
+def regime(name: str, data: str, train_eps: float | None = None) -> dict:
+    """The module options of a regime on a data set (training radius `train_eps`, default `TRAIN_EPS`)."""
+    eps = TRAIN_EPS[data] if train_eps is None else train_eps
     return {
         "plain": {},
         "pgd_at": {"adversarial": attacks.PGD(eps=eps, step_size=eps / 4, steps=10)},
@@ -141,27 +141,69 @@ class EpochEvaluation(pl.Callback):
                                            "pgd20_s", "apgd_s"))}), flush=True)
 
 
+class CalibrationEvaluation(pl.Callback):
+    """`--calibrate`: after every training epoch only the clean accuracy and PGD-10 at the training radius
+    (L-inf, step eps / 4, one random start) on the probes, the signature of each regime's effect (a collapse of
+    FGSM-AT, a peak then a fall of PGD-AT); one row appended to `calibration.jsonl`."""
+
+    def __init__(self, job: dict, x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
+        self.job, self.x, self.y, self.eps = job, x, y, eps
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = pl_module.net
+        training = net.training
+        net.eval()
+        with torch.no_grad():
+            clean = float((net(self.x).argmax(1) == self.y).float().mean())
+        robust = attacks.robust_accuracy(net, self.x, self.y, norm="linf", eps=self.eps, steps=10,
+                                         step_size=self.eps / 4)
+        net.train(training)
+        row = {**self.job, "epoch": trainer.current_epoch, "train_loss": float(trainer.callback_metrics.get(
+            "train/ce", torch.tensor(float("nan")))), "clean": clean, "pgd10": robust}
+        with open(RESULTS / "calibration.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
 def load_rows(data: str) -> list[dict]:
     path = RESULTS / f"{data}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int) -> None:
+def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int,
+            train_eps: float | None = None, calibrate: bool = False) -> None:
+    train_eps = TRAIN_EPS[data] if train_eps is None else train_eps
     job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
-           "aa_probes": aa_probes, "machine": machine()}
-    key = {k: job[k] for k in ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes")}
-    done = {row["epoch"] for row in load_rows(data) if {k: row.get(k) for k in key} == key}
+           "aa_probes": aa_probes, "train_eps": train_eps, "machine": machine()}
+    if calibrate:
+        pl.seed_everything(seed, workers=True)
+        datamodule = data_module(data, train)
+        datamodule.setup("fit")
+        x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
+        module = FisherRegularizedClassifier(SmallCNN(datamodule.in_channels, 10), 10, optimizer=OPTIMIZER,
+                                             scheduler=cosine(epochs), **regime(name, data, train_eps))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                             deterministic=True, enable_checkpointing=False,
+                             callbacks=[CalibrationEvaluation(job, x, y, train_eps)])
+        trainer.fit(module, datamodule=datamodule)
+        return
+    key = {k: job[k] for k in ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps")}
+    done = {row["epoch"] for row in load_rows(data)
+            if {k: row.get(k, TRAIN_EPS[data] if k == "train_eps" else None) for k in key} == key}
     if len(done) >= epochs:
         print(f"{name} seed {seed}: all {epochs} epochs evaluated")
         return
-    folder = RESULTS / "weights" / f"{data}_{name}_s{seed}_e{epochs}_t{train}"
+    suffix = "" if train_eps == TRAIN_EPS[data] else f"_r{train_eps:.4g}"
+    folder = RESULTS / "weights" / f"{data}_{name}_s{seed}_e{epochs}_t{train}{suffix}"
     folder.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(seed, workers=True)
     datamodule = data_module(data, train)
     datamodule.setup("fit")
     x, y = datamodule.splits["test"].tensors
     module = FisherRegularizedClassifier(SmallCNN(datamodule.in_channels, 10), 10, optimizer=OPTIMIZER,
-                                         scheduler=cosine(epochs), **regime(name, data))
+                                         scheduler=cosine(epochs), **regime(name, data, train_eps))
     RESULTS.mkdir(parents=True, exist_ok=True)
     evaluation = EpochEvaluation(job, x[:probes], y[:probes], aa_probes, RESULTS / f"{data}.jsonl", folder)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0)
@@ -202,6 +244,10 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=5000, help="training images")
     parser.add_argument("--probes", type=int, default=512)
     parser.add_argument("--aa-probes", type=int, default=256)
+    parser.add_argument("--train-eps", type=float, help="the training radius of the adversarial regimes (default: "
+                                                            "8/255 on CIFAR-10, 0.1 on Fashion-MNIST)")
+    parser.add_argument("--calibrate", action="store_true", help="train only, with clean and PGD-10 accuracy at "
+                                                                 "the training radius per epoch (calibration.jsonl)")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--cost", type=int, metavar="EPOCH", help="time the estimate against PGD-20 on that epoch's "
                                                                   "saved weights of the job")
@@ -217,7 +263,8 @@ def main() -> None:
     if args.cost is not None:
         print(cost(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.cost))
         return
-    run_job(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.aa_probes)
+    run_job(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.aa_probes, args.train_eps,
+            args.calibrate)
 
 
 if __name__ == "__main__":

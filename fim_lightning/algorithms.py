@@ -3,8 +3,10 @@
 - `exact_dual`: lambda_max(F) = lambda_max(G) for F = A^T A, G = A A^T ((C-1) x (C-1)), A = W J, from C - 1
   VJPs and a float64 eigen-solve (`operator.dual_weights` gives W). With `top_k`, the classes outside the top k are
   merged into one: the Fisher of that coarse-grained distribution is a lower bound (data processing), and
-  the merged probability mass is reported.
+  the merged probability mass is reported; a sample that merged more than `max_neglected_mass` gets NaN.
 - `power_iteration` and `lanczos`: matrix-free on F v = J^T (M J v), one JVP + one VJP per step.
+- `auto` (the default): `exact_dual` for C <= `AUTO_EXACT_CLASSES`, else `lanczos` with `exact_dual` on the
+  samples it leaves unconverged.
 - `gram_sketch`: the Hutchinson-type estimate E_z[(J z)(J z)^T] = J J^T from Rademacher probes (forward mode
   only), pushed through W and eigen-solved.
 - `exact_trace` / `hutchinson_trace`: tr F = |A|_F^2 and tr F = E_z |W J z|^2.
@@ -21,7 +23,7 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
-from fim_lightning.operator import FisherOperator, dual_weights
+from fim_lightning.operator import FisherOperator, dual_weights, warn_samples
 from fim_lightning.sampling import default_generator, rademacher, random_unit, unit
 
 
@@ -92,11 +94,23 @@ def exact_dual(
     op: FisherOperator,
     *,
     top_k: Optional[int] = None,
+    max_neglected_mass: float = 0.01,
     chunk_size: Optional[int] = None,
     dtype: torch.dtype = torch.float64,
 ) -> TopEigenpair:
-    """lambda_max from the C x C dual G = A A^T (exact up to rounding; a lower bound with `top_k`)."""
+    """lambda_max from the C x C dual G = A A^T (exact up to rounding). With `top_k` the value is that of the
+    merged Fisher, a lower bound; a sample whose merged mass exceeds `max_neglected_mass` gets NaN with a
+    warning, so a lower bound is not read as the value (`max_neglected_mass=1` keeps every bound)."""
     weights, neglected = dual_weights(op.log_probs, top_k)
+    coarse = neglected is not None and bool((neglected > max_neglected_mass).any())
+    if coarse:
+        unreliable = (neglected > max_neglected_mass) & ~op.invalid
+        warn_samples(unreliable, f"top_k={top_k} merged up to {neglected[unreliable].max().item():.3g} of the "
+                                 f"probability (> max_neglected_mass={max_neglected_mass}) into one class, so "
+                                 "lambda_max would be a lower bound, not the value; use method='auto' (Lanczos "
+                                 "for many classes), a larger top_k, or max_neglected_mass=1 to accept the bound")
+        neglected = torch.where(op.invalid, math.nan, neglected)
+        op.invalid = op.invalid | unreliable
     rows = op.screen(op.factor(weights, chunk_size), NONFINITE_JACOBIAN)
     flat = rows.flatten(2).to(dtype)
     eigenvalue, u = _top_eigenpair_of(flat @ flat.mT)
@@ -106,7 +120,7 @@ def exact_dual(
         eigenvector=op.nan_invalid(unit(direction.view(op.inputs.shape))),
         residual=None,
         steps=weights.shape[0],
-        neglected_mass=None if neglected is None else op.nan_invalid(neglected.to(dtype)),
+        neglected_mass=None if neglected is None else (neglected if coarse else op.nan_invalid(neglected)).to(dtype),
         trace=op.nan_invalid(flat.square().sum((1, 2))),
     )
 
@@ -196,6 +210,36 @@ def lanczos(
                         residual=_nan_invalid(op, residual), steps=j + 1)
 
 
+AUTO_EXACT_CLASSES = 64  # exact below: C - 1 VJPs cost less than Lanczos' ~13 JVP + VJP pairs (bench/large_classes.py)
+
+
+def auto(
+    op: FisherOperator,
+    *,
+    max_iter: int = 64,
+    tol: float = 1e-6,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = None,
+    dtype: torch.dtype = torch.float64,
+) -> TopEigenpair:
+    """The default route: `exact_dual` for C <= `AUTO_EXACT_CLASSES`; above, `lanczos`, whose Ritz value
+    theta <= lambda_max is kept where its residual |F v - theta v| <= sqrt(tol) theta (then
+    lambda_max - theta <= tol theta^2 / gap, and for any gap an eigenvalue lies within sqrt(tol) theta), and
+    `exact_dual` on the samples still above it. Every value is exact or converged; `steps` counts the products."""
+    if op.log_probs.shape[1] <= AUTO_EXACT_CLASSES:
+        return exact_dual(op, chunk_size=chunk_size, dtype=dtype)
+    pair = lanczos(op, max_iter=max_iter, tol=tol, generator=generator, dtype=dtype)
+    unconverged = ~(pair.residual <= math.sqrt(tol)) & ~op.invalid
+    if not unconverged.any():
+        return pair
+    index = unconverged.nonzero().flatten()
+    exact = exact_dual(op.subset(index), chunk_size=chunk_size, dtype=dtype)
+    eigenvalue, eigenvector, residual = pair.eigenvalue.clone(), pair.eigenvector.clone(), pair.residual.clone()
+    eigenvalue[index], eigenvector[index], residual[index] = exact.eigenvalue, exact.eigenvector, 0.0
+    return TopEigenpair(eigenvalue=eigenvalue, eigenvector=eigenvector, residual=residual,
+                        steps=pair.steps + exact.steps)
+
+
 def _probe_images(op: FisherOperator, num_probes: int, generator, chunk_size) -> tuple[Tensor, Tensor]:
     """Rademacher probes Z (N, B, ...) and A z = W J z for each, (N, B, C - 1), by forward mode only."""
     if num_probes < 1:
@@ -263,6 +307,26 @@ def exact_trace(op: FisherOperator, *, chunk_size: Optional[int] = None, dtype: 
     rows = op.screen(op.factor(dual_weights(op.log_probs)[0], chunk_size), NONFINITE_JACOBIAN)
     value = op.nan_invalid(rows.flatten(1).to(dtype).square().sum(1))
     return TraceEstimate(value=value, stderr=torch.zeros_like(value))
+
+
+def sampled_trace(
+    op: FisherOperator,
+    *,
+    num_probes: int = 32,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = None,
+    dtype: torch.dtype = torch.float64,
+) -> TraceEstimate:
+    """tr F = tr(A A^T) = E_u |A^T u|^2 over Rademacher u in R^(C-1): `num_probes` VJPs on the recorded reverse
+    pass instead of the C - 1 of `exact_trace` (the trace beside a Lanczos lambda_max for many classes),
+    unbiased, with the standard error of the mean."""
+    weights = dual_weights(op.log_probs)[0]
+    signs = rademacher((num_probes, *weights.shape[1:2], weights.shape[0]), weights,
+                       default_generator(op.inputs.device, generator))
+    rows = op.screen(op.factor(torch.einsum("kbc,nbk->nbc", weights, signs), chunk_size), NONFINITE_JACOBIAN)
+    samples = rows.flatten(2).to(dtype).square().sum(-1)
+    stderr = samples.std(1) / math.sqrt(num_probes) if num_probes > 1 else torch.full_like(samples[:, 0], math.inf)
+    return TraceEstimate(value=op.nan_invalid(samples.mean(1)), stderr=op.nan_invalid(stderr))
 
 
 def hutchinson_trace(

@@ -20,11 +20,12 @@ from fim_lightning.operator import FisherOperator, OutputKind
 from fim_lightning.reductions import Reduction, check_reduction, reduce_values
 from fim_lightning.validation import check_int, check_real
 
-SpectralMethod = Literal["exact", "power", "lanczos", "hutchinson"]
+SpectralMethod = Literal["auto", "exact", "power", "lanczos", "hutchinson"]
 TraceMethod = Literal["exact", "hutchinson"]
 
 METHODS = {
-    "exact": (algorithms.exact_dual, {"top_k", "chunk_size"}),
+    "auto": (algorithms.auto, {"max_iter", "tol", "generator", "chunk_size"}),
+    "exact": (algorithms.exact_dual, {"top_k", "max_neglected_mass", "chunk_size"}),
     "power": (algorithms.power_iteration, {"max_iter", "tol", "generator"}),
     "lanczos": (algorithms.lanczos, {"max_iter", "tol", "generator"}),
     "hutchinson": (algorithms.gram_sketch, {"num_probes", "generator", "chunk_size"}),
@@ -45,6 +46,7 @@ OPTION_CHECKS: dict[str, Callable[[str, object], object]] = {
     "tol": lambda name, value: check_real(name, value, 0.0),
     "num_probes": lambda name, value: check_int(name, value, 1),
     "top_k": lambda name, value: check_int(name, value, 1, allow_none=True),
+    "max_neglected_mass": lambda name, value: check_real(name, value, 0.0, maximum=1.0),
     "chunk_size": lambda name, value: check_int(name, value, 1, allow_none=True),
     "generator": _check_generator,
 }
@@ -102,7 +104,7 @@ def fisher_operator(
 def fisher_top_eigenpair(
     model: Callable,
     inputs: Tensor,
-    method: SpectralMethod = "exact",
+    method: SpectralMethod = "auto",
     *,
     output: OutputKind = "logits",
     mode: Optional[Mode] = None,
@@ -117,12 +119,13 @@ def fisher_top_eigenpair(
         return algorithm(op, dtype=dtype, **options)
 
 
-def fisher_spectral_norm(model: Callable, inputs: Tensor, method: SpectralMethod = "exact", *,
+def fisher_spectral_norm(model: Callable, inputs: Tensor, method: SpectralMethod = "auto", *,
                          reduction: Reduction = "none", **options) -> Tensor:
     """lambda_max(F(x_i)) for each sample, (B,) with `reduction="none"`, else reduced ("mean", "median", "max" or
-    a quantile: the functional twin of `FisherSpectralNorm`). `method`: "exact" (C x C dual; `top_k`,
-    `chunk_size`), "power" / "lanczos" (`max_iter`, `tol`, `generator`), "hutchinson" (`num_probes`,
-    `generator`, `chunk_size`)."""
+    a quantile: the functional twin of `FisherSpectralNorm`). `method`: "auto" (the default: "exact" for
+    C <= 64 classes, else Lanczos converged to `tol` with "exact" where it is not; `max_iter`, `tol`,
+    `generator`, `chunk_size`), "exact" (C x C dual; `top_k`, `max_neglected_mass`, `chunk_size`), "power" /
+    "lanczos" (`max_iter`, `tol`, `generator`), "hutchinson" (`num_probes`, `generator`, `chunk_size`)."""
     check_reduction(reduction)
     return reduce_values(fisher_top_eigenpair(model, inputs, method, **options).eigenvalue, reduction)
 
@@ -194,7 +197,7 @@ def _top_eigenvalue_score(score: Callable[[FisherOperator, Tensor], Tensor], mod
 def fisher_step(
     model: Callable,
     inputs: Tensor,
-    method: SpectralMethod = "exact",
+    method: SpectralMethod = "auto",
     *,
     output: OutputKind = "logits",
     mode: Optional[Mode] = None,
@@ -234,7 +237,7 @@ def _margin_gradient_norm(op: FisherOperator) -> Tensor:
 def fisher_robustness_radius(
     model: Callable,
     inputs: Tensor,
-    method: SpectralMethod = "exact",
+    method: SpectralMethod = "auto",
     *,
     output: OutputKind = "logits",
     mode: Optional[Mode] = None,
@@ -262,7 +265,9 @@ class FisherScores:
     """Per-sample scores from one operator: lambda_max, tr F, robustness radius, Fisher step (a distance
     estimate, `fisher_step`), top eigenvector, the prediction and margin log p_top1 - log p_top2, with
     `margin_gradient=True` |grad_x (z_top1 - z_top2)|, and with `top_k` the probability merged into one class
-    (lambda_max and tr F are then of the merged F)."""
+    (lambda_max and tr F are then of the merged F). tr F is exact where the method takes the C - 1 VJPs or
+    C <= 64; otherwise it is `algorithms.sampled_trace` (32 VJPs, unbiased) and `trace_stderr` is its standard
+    error."""
 
     spectral_norm: Tensor
     trace: Tensor
@@ -273,12 +278,24 @@ class FisherScores:
     margin: Tensor
     margin_gradient_norm: Optional[Tensor] = None
     neglected_mass: Optional[Tensor] = None
+    trace_stderr: Optional[Tensor] = None
+
+
+def _trace(op: FisherOperator, pair: algorithms.TopEigenpair, dtype: torch.dtype,
+            options: dict) -> algorithms.TraceEstimate:
+    """tr F beside `pair`: its own where the method computed it, exact for C <= AUTO_EXACT_CLASSES, else sampled."""
+    if pair.trace is not None:
+        return algorithms.TraceEstimate(pair.trace, torch.zeros_like(pair.trace))
+    if op.log_probs.shape[1] <= algorithms.AUTO_EXACT_CLASSES:
+        return algorithms.exact_trace(op, dtype=dtype)
+    return algorithms.sampled_trace(op, generator=options.get("generator"), chunk_size=options.get("chunk_size"),
+                                    dtype=dtype)
 
 
 def fisher_scores(
     model: Callable,
     inputs: Tensor,
-    method: SpectralMethod = "exact",
+    method: SpectralMethod = "auto",
     *,
     output: OutputKind = "logits",
     mode: Optional[Mode] = None,
@@ -293,11 +310,11 @@ def fisher_scores(
     check_dtype("dtype", dtype)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         pair = algorithm(op, dtype=dtype, **options)
-        trace = pair.trace if pair.trace is not None else algorithms.exact_trace(op, dtype=dtype).value
+        trace = _trace(op, pair, dtype, options)
         margin = op.nan_invalid(_margin(op))
         return FisherScores(
             spectral_norm=pair.eigenvalue,
-            trace=trace,
+            trace=trace.value,
             radius=_margin_over_sqrt(op, pair.eigenvalue),
             fisher_step=_fisher_step(op, pair.eigenvalue),
             eigenvector=pair.eigenvector.detach(),
@@ -305,4 +322,5 @@ def fisher_scores(
             margin=margin,
             margin_gradient_norm=_margin_gradient_norm(op) if margin_gradient else None,
             neglected_mass=pair.neglected_mass,
+            trace_stderr=trace.stderr if pair.trace is None and trace.stderr.any() else None,
         )

@@ -2,8 +2,10 @@
 
 It owns the module training flags, BatchNorm buffers and `track_running_stats`, parameter `.grad` and
 `requires_grad`, the global RNG (CPU and CUDA), grad / inference mode, autocast, the attention kernel,
-the multi-head-attention fast path, and for second-order work the normalisation kernels. Nothing else in the
-package touches those things.
+the multi-head-attention fast path, the float32 kernel precision (TF32 and its kin, `ieee_float32`), the
+compiler (a `torch.compile`d model or submodule runs its eager modules inside: `torch.compiler.set_stance(
+"force_eager")`), and for second-order work the normalisation kernels. Nothing else in the package touches
+those things.
 
 What a forward pass means per sample is defined here too (`ForwardPasses`). In eval mode samples are
 independent. In `mode="train"` BatchNorm would couple the samples of a batch (every JVP or VJP would move
@@ -135,6 +137,40 @@ class ForwardPasses:
 EVAL_PASSES = ForwardPasses([], [], train=False)
 
 
+def _precision_settings() -> list:
+    """The float32 precision flags of torch's backends: the per-operator `fp32_precision` settings where torch
+    has them (2.9 and later), else the legacy `allow_tf32` flags and the matmul precision."""
+    backends = torch.backends
+    if hasattr(backends.cuda.matmul, "fp32_precision"):
+        owners = [backends.cuda.matmul, backends.cudnn.conv, backends.cudnn.rnn, backends.mkldnn.matmul,
+                  backends.mkldnn.conv, getattr(backends.mkldnn, "rnn", None)]
+        return [(owner, "fp32_precision", "ieee") for owner in owners if owner is not None]
+    return [(backends.cuda.matmul, "allow_tf32", False), (backends.cudnn, "allow_tf32", False)]
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 work in true float32 inside the block: no TF32 (on by default for cuDNN convolutions, and for
+    matmuls after Lightning's suggested `torch.set_float32_matmul_precision("high")`), no bf16 splitting; the
+    caller's settings are restored exactly after. The new per-operator API is used alone where torch has it:
+    setting the legacy flags beside it would leave torch unable to read them back."""
+    settings = _precision_settings()
+    legacy = not hasattr(torch.backends.cuda.matmul, "fp32_precision")
+    saved = [getattr(owner, name) for owner, name, _ in settings]
+    matmul = torch.get_float32_matmul_precision() if legacy else None
+    try:
+        for owner, name, value in settings:
+            setattr(owner, name, value)
+        if legacy:
+            torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        for (owner, name, _), value in zip(settings, saved):
+            setattr(owner, name, value)
+        if legacy:
+            torch.set_float32_matmul_precision(matmul)
+
+
 @contextmanager
 def forked_rng(*tensors: Tensor) -> Iterator[None]:
     """The global RNG (CPU, and CUDA for the devices of `tensors`) as it was, after the block draws from it."""
@@ -152,6 +188,9 @@ def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval",
     so their running buffers are neither read nor written. `second_order=True` (the penalties, which
     differentiate input derivatives with respect to the parameters) runs the normalisation layers as
     elementary operations (`normalisation.elementary_normalisation`), whose higher derivatives are right.
+    Scoring (`second_order=False`) runs float32 work in true float32 (`ieee_float32`): a reported value does
+    not inherit TF32's 10-bit mantissa. The penalties keep the caller's kernels: their value is a training
+    signal, and TF32 is what the caller chose for training.
     """
     modules = list(model.modules()) if isinstance(model, nn.Module) else []
     params = list(model.parameters()) if isinstance(model, nn.Module) else []
@@ -172,9 +211,15 @@ def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval",
         if torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        # the same function without the compiled graphs: inductor's second derivatives of a penalty were measured
+        # wrong (FisherTracePenalty's parameter gradient 125% off on a small CNN), and every transform would
+        # recompile (a JVP, a VJP, a vmap: tens of seconds each on a CPU)
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
         torch.backends.mha.set_fastpath_enabled(False)
         if second_order:
             stack.enter_context(elementary_normalisation())
+        else:
+            stack.enter_context(ieee_float32())
         passes = EVAL_PASSES
         try:
             for m in modules:

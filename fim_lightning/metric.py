@@ -24,7 +24,8 @@ class FisherSpectralNorm(Metric):
     concatenation, so `compute()` over DDP equals the single-process value on the same samples.
 
     Args:
-        method: "exact", "power", "lanczos" or "hutchinson".
+        method: "auto" (the default: exact for C <= 64 classes, converged Lanczos above), "exact", "power",
+            "lanczos" or "hutchinson".
         reduction: "mean", "median", "max", "none" (every per-sample value) or a quantile in [0, 1].
         output: what the model returns: "logits", "probs" or "log_probs".
         estimator_options: options of the method (e.g. `{"top_k": 20}` or `{"num_probes": 32}`).
@@ -54,7 +55,7 @@ class FisherSpectralNorm(Metric):
 
     def __init__(
         self,
-        method: SpectralMethod = "exact",
+        method: SpectralMethod = "auto",
         reduction: Reduction = "mean",
         output: OutputKind = "logits",
         estimator_options: Optional[dict[str, Any]] = None,

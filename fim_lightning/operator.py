@@ -241,6 +241,7 @@ class FisherOperator:
         if model_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"model_dtype must be torch.float32 or torch.float64 (half precision is too coarse for "
                              f"Jacobian products), got {model_dtype}")
+        self._model, self._model_dtype = model, model_dtype
         self.inputs = inputs.detach().to(model_dtype).contiguous()
         if self.inputs.is_inference():
             self.inputs = self.inputs.clone()
@@ -253,6 +254,14 @@ class FisherOperator:
         self.invalid = torch.zeros(self.batch_size, dtype=torch.bool, device=self.inputs.device)
         if passes.needs_recording:
             self._record(*self._logits_and_scores(self.inputs, record=True))
+
+    def subset(self, index: Tensor) -> "FisherOperator":
+        """The operator of the samples `index` alone: the same per-sample function (the same forward passes,
+        so in train mode the same held batch statistics), with their invalid flags."""
+        sub = FisherOperator(self._model, self.inputs[index], output=self.output, model_dtype=self._model_dtype,
+                             differentiable=self.differentiable, passes=self._passes)
+        sub.invalid = sub.invalid | self.invalid[index]
+        return sub
 
     @property
     def batch_size(self) -> int:

@@ -95,7 +95,7 @@ class RobustnessEvaluation:
 
     def fisher_columns(self, model: nn.Module, images: Tensor, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Prediction, margin, Fisher scores, black-box estimate, bound and gradient-norm baseline of one batch."""
-        options = {"top_k": self.top_k} if self.top_k is not None else {}
+        options = {"method": "exact", "top_k": self.top_k} if self.top_k is not None else {}
         scores = fisher_scores(model, images, model_dtype=self.model_dtype, margin_gradient=True, **options)
         parts = {"lambda_max": scores.spectral_norm, "trace": scores.trace, "radius": scores.radius,
                  "fisher_step": scores.fisher_step,

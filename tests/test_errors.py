@@ -67,7 +67,11 @@ def test_unknown_method_and_option(model):
     with pytest.raises(ValueError, match="mode must be"):
         fl.fisher_spectral_norm(model, x, mode="inference")
     with pytest.raises(ValueError, match="top_k must be >= 1"):
-        fl.fisher_spectral_norm(model, x, top_k=0)
+        fl.fisher_spectral_norm(model, x, "exact", top_k=0)
+    with pytest.raises(TypeError, match=r"\['top_k'\] do not apply to method='auto'"):
+        fl.fisher_spectral_norm(model, x, top_k=3)  # the default picks its own route
+    with pytest.raises(ValueError, match="max_neglected_mass must be <= 1"):
+        fl.fisher_spectral_norm(model, x, "exact", top_k=3, max_neglected_mass=2.0)
     with pytest.raises(ValueError, match="num_probes must be >= 1"):
         fl.fisher_spectral_norm(model, x, "hutchinson", num_probes=0)
 

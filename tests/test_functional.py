@@ -163,13 +163,14 @@ class _Scaled(nn.Module):
 def test_top_k_is_a_lower_bound_with_its_neglected_mass():
     model, x = make_mlp(classes=20), torch.randn(6, 7, generator=torch.Generator().manual_seed(12)) * 4
     exact = fl.fisher_spectral_norm(model, x)
-    pair = fl.fisher_top_eigenpair(model, x, top_k=5)
+    pair = fl.fisher_top_eigenpair(model, x, "exact", top_k=5, max_neglected_mass=1.0)
     assert (pair.eigenvalue <= exact * (1 + 1e-6)).all()
     p = model(x).softmax(-1).detach().double()
     torch.testing.assert_close(pair.neglected_mass, 1 - p.topk(5).values.sum(1), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(fl.fisher_spectral_norm(model, x, top_k=19), exact, rtol=1e-10, atol=0)
+    torch.testing.assert_close(fl.fisher_spectral_norm(model, x, "exact", top_k=19), exact, rtol=1e-10, atol=0)
     assert pair.steps == 5  # k - 1 kept classes besides the top one, and the merged rest
-    bounds = torch.stack([fl.fisher_spectral_norm(model, x, top_k=k) for k in range(1, 20)])
+    bounds = torch.stack([fl.fisher_spectral_norm(model, x, "exact", top_k=k, max_neglected_mass=1.0)
+                          for k in range(1, 20)])
     assert (bounds.diff(dim=0) >= -1e-6 * exact).all()  # refining the merged classes only adds information
 
 
@@ -230,3 +231,50 @@ def test_generator_makes_random_methods_reproducible():
     c = fl.fisher_spectral_norm(model, x, "hutchinson", num_probes=16, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert math.isfinite(a.sum().item())
+
+
+def test_top_k_gives_nan_where_the_merged_mass_makes_the_value_a_lower_bound():
+    """A near-uniform 1000-class output (an untrained ImageNet head): top_k=20 merges ~98% of the mass, its
+    merged lambda_max is several times too low, so it is NaN with a warning naming the samples; a confident
+    sample below `max_neglected_mass` keeps its value, equal to the exact one to within the merged mass."""
+    torch.manual_seed(0)
+    net = nn.Linear(16, 1000)
+    x = torch.randn(3, 16) * 0.01
+    x[2] = net.weight[7].detach() * 500  # confident: class 7 holds nearly all the mass
+    exact = fl.fisher_spectral_norm(net, x, "exact")
+    with pytest.warns(RuntimeWarning, match=r"samples 0, 1 of the batch: top_k=20 merged up to 0\.9"):
+        pair = fl.fisher_top_eigenpair(net, x, "exact", top_k=20)
+    assert torch.isnan(pair.eigenvalue[:2]).all() and pair.neglected_mass[2] < 0.01
+    assert (pair.neglected_mass[:2] > 0.9).all()  # the mass is still reported
+    torch.testing.assert_close(pair.eigenvalue[2], exact[2], rtol=0.05, atol=0)
+    bound = fl.fisher_spectral_norm(net, x, "exact", top_k=20, max_neglected_mass=1.0)
+    assert (bound[:2] < exact[:2] / 2).all()  # what the NaN keeps from being read as the value
+
+
+@pytest.mark.parametrize("classes", [1000, 200])
+def test_auto_is_lanczos_for_many_classes_and_exact_for_few_with_the_dense_value(classes):
+    """The default method on a 1000- and a 200-class model: equal to the dense float64 eigenvalue (1e-6); with a
+    starved Lanczos (max_iter=2) the unconverged samples fall back to the exact route: still the dense value."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, classes))
+    x = torch.randn(3, 12)
+    reference = torch.linalg.eigvalsh(dense_fisher(net, x))[:, -1]
+    pair = fl.fisher_top_eigenpair(net, x, model_dtype=torch.float64)
+    torch.testing.assert_close(pair.eigenvalue, reference, rtol=1e-6, atol=0)
+    assert pair.steps < classes - 1  # Lanczos, not the C - 1 VJPs of the exact route
+    starved = fl.fisher_top_eigenpair(net, x, max_iter=2, model_dtype=torch.float64)
+    torch.testing.assert_close(starved.eigenvalue, reference, rtol=1e-10, atol=0)
+    assert starved.steps == 2 + classes - 1
+    few = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 10))
+    assert fl.fisher_top_eigenpair(few, x).steps == 9  # the exact route's C - 1 VJPs
+
+
+def test_scores_for_many_classes_carry_a_sampled_trace_with_its_error():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 300))
+    x = torch.randn(4, 12)
+    reference = dense_fisher(net, x).diagonal(dim1=1, dim2=2).sum(1)
+    scores = fl.fisher_scores(net, x, model_dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert scores.trace_stderr is not None and (scores.trace_stderr > 0).all()
+    assert ((scores.trace - reference).abs() <= 4 * scores.trace_stderr).all()
+    assert fl.fisher_scores(net, x, "exact").trace_stderr is None

@@ -159,3 +159,63 @@ def test_timm_vit_on_cpu_matches_the_dense_reference():
     torch.testing.assert_close(fl.fisher_spectral_norm(model, x, model_dtype=torch.float64), reference, rtol=1e-8, atol=0)
     torch.testing.assert_close(fl.fisher_spectral_norm(model, x, "lanczos"), reference, rtol=1e-4, atol=0)
     _assert_same(before, _snapshot(model))
+
+
+PRECISION_SCRIPT = r"""
+import json, sys, torch, fim_lightning as fl
+B = torch.backends
+
+def reads():
+    out = {}
+    for name, read in [("legacy matmul", lambda: B.cuda.matmul.allow_tf32), ("legacy cudnn", lambda: B.cudnn.allow_tf32),
+                       ("matmul precision", torch.get_float32_matmul_precision),
+                       *[(f"{owner} fp32_precision", lambda o=o: o.fp32_precision) for owner, o in [
+                           ("cuda.matmul", B.cuda.matmul), ("cudnn.conv", B.cudnn.conv), ("cudnn.rnn", B.cudnn.rnn),
+                           ("mkldnn.matmul", B.mkldnn.matmul), ("mkldnn.conv", B.mkldnn.conv)]]]:
+        try:
+            out[name] = read()
+        except RuntimeError as error:  # torch refuses to read a legacy flag after a mix of the two APIs
+            out[name] = "unreadable"
+    return out
+
+class Recorder(torch.nn.Linear):
+    def forward(self, x):
+        seen.append([B.cuda.matmul.fp32_precision, B.cudnn.conv.fp32_precision, B.mkldnn.matmul.fp32_precision])
+        return super().forward(x)
+
+setting = sys.argv[1]
+if setting == "legacy":
+    B.cuda.matmul.allow_tf32 = True
+    B.cudnn.allow_tf32 = True
+elif setting == "lightning":
+    torch.set_float32_matmul_precision("high")
+elif setting == "new":
+    B.cuda.matmul.fp32_precision = "tf32"
+    B.mkldnn.matmul.fp32_precision = "bf16"
+before = reads()
+seen = []
+net = Recorder(4, 3)
+fl.fisher_spectral_norm(net, torch.randn(2, 4))
+scoring = seen[:]
+seen.clear()
+fl.FisherTracePenalty()(net, torch.randn(2, 4)).backward()
+print(json.dumps({"before": before, "after": reads(), "scoring": scoring, "penalty": seen}))
+"""
+
+
+@pytest.mark.parametrize("setting", ["default", "legacy", "lightning", "new"])
+def test_scoring_runs_in_true_float32_and_restores_the_callers_precision_flags(setting):
+    """TF32 (cuDNN convolutions by default, matmuls after Lightning's `set_float32_matmul_precision("high")`) and
+    bf16 splitting are off while a value is scored, through the API the caller used or not; the caller's flags
+    read back the same afterwards; a penalty (a training signal) keeps the caller's kernels."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", PRECISION_SCRIPT, setting], capture_output=True, text=True,
+                            check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["after"] == report["before"]
+    assert report["scoring"] and all(flags == ["ieee", "ieee", "ieee"] for flags in report["scoring"])
+    expected = {"default": "none", "legacy": "tf32", "lightning": "tf32", "new": "tf32"}[setting]
+    assert report["penalty"] and all(flags[0] == expected for flags in report["penalty"])
