@@ -165,6 +165,14 @@ class CalibrationEvaluation(pl.Callback):
         print(json.dumps(row), flush=True)
 
 
+def prepared(data: str, train: int) -> pl.LightningDataModule:
+    """The data module, prepared (Fashion-MNIST's IDX files unpacked) and set up, so the probes can be read."""
+    datamodule = data_module(data, train)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
 def load_rows(data: str) -> list[dict]:
     path = RESULTS / f"{data}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -177,8 +185,7 @@ def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: in
            "aa_probes": aa_probes, "train_eps": train_eps, "machine": machine()}
     if calibrate:
         pl.seed_everything(seed, workers=True)
-        datamodule = data_module(data, train)
-        datamodule.setup("fit")
+        datamodule = prepared(data, train)
         x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
         module = FisherRegularizedClassifier(SmallCNN(datamodule.in_channels, 10), 10, optimizer=OPTIMIZER,
                                              scheduler=cosine(epochs), **regime(name, data, train_eps))
@@ -199,8 +206,7 @@ def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: in
     folder = RESULTS / "weights" / f"{data}_{name}_s{seed}_e{epochs}_t{train}{suffix}"
     folder.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(seed, workers=True)
-    datamodule = data_module(data, train)
-    datamodule.setup("fit")
+    datamodule = prepared(data, train)
     x, y = datamodule.splits["test"].tensors
     module = FisherRegularizedClassifier(SmallCNN(datamodule.in_channels, 10), 10, optimizer=OPTIMIZER,
                                          scheduler=cosine(epochs), **regime(name, data, train_eps))
@@ -216,8 +222,7 @@ def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: in
 
 def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, epoch: int) -> str:
     """The estimate's cost against PGD-20 at every radius, in one process, on a saved epoch's weights."""
-    datamodule = data_module(data, train)
-    datamodule.setup("fit")
+    datamodule = prepared(data, train)
     x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
     net = SmallCNN(datamodule.in_channels, 10)
     folder = RESULTS / "weights" / f"{data}_{name}_s{seed}_e{epochs}_t{train}"

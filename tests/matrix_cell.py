@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--penalty", default="kl", choices=sorted(PENALTIES))
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn", "fsdp2"])
     parser.add_argument("--package", default="pytorch_lightning", choices=["pytorch_lightning", "lightning.pytorch"])
+    parser.add_argument("--accelerator", default="cpu", help="cpu (the matrix), or cuda / gpu (bench/device_check.sh)")
     args = parser.parse_args()
     lightning = importlib.import_module(args.package)
 
@@ -178,7 +179,7 @@ def main() -> None:
             strategy = lightning.strategies.ModelParallelStrategy(data_parallel_size=args.devices,
                                                                   tensor_parallel_size=1)
     trainer = lightning.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy,
+        accelerator=args.accelerator, devices=args.devices, strategy=strategy,
         precision=args.precision, max_epochs=2, logger=loggers or False,
         callbacks=[callback, FLAVOURS[args.package][1](args.out, callback, loggers)],
         default_root_dir=str(args.out), enable_progress_bar=False, enable_model_summary=False,
