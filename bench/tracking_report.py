@@ -18,11 +18,18 @@ IN_RANGE = (0.05, 0.95)
 COLLAPSE = 0.5  # the callback's default collapse_drop
 
 
+TRAIN_EPS = {"cifar10": 8 / 255, "fashion_mnist": 0.1}  # the radius of rows written before train_eps was recorded
+
+
 def _runs(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """Rows by (regime, seed, epochs, train, probes), each run's epochs once (the last row of a repeated epoch)."""
+    """Rows by (regime with its training radius, seed, epochs, train, probes), each run's epochs once (the last
+    row of a repeated epoch)."""
     runs: dict[tuple, dict[int, dict]] = {}
     for row in rows:
-        key = (row["regime"], row["seed"], row["epochs"], row["train"], row["probes"])
+        regime = row["regime"]
+        if regime in ("pgd_at", "fgsm"):
+            regime += f" {row.get('train_eps', TRAIN_EPS[row['data']]):.4g}"
+        key = (regime, row["seed"], row["epochs"], row["train"], row["probes"])
         runs.setdefault(key, {})[row["epoch"]] = row
     return {key: [epochs[e] for e in sorted(epochs)] for key, epochs in runs.items()}
 
@@ -54,7 +61,27 @@ def _first_collapse(series: list[float]) -> int | None:
     return None
 
 
-def report(data: str, rows: list[dict]) -> str:
+def calibration_section(calibration: list[dict]) -> list[str]:
+    """The `--calibrate` runs that fixed the regimes' settings: PGD-10 accuracy at the training radius per epoch."""
+    if not calibration:
+        return []
+    runs: dict[tuple, list[dict]] = {}
+    for row in calibration:
+        runs.setdefault((row["regime"], row["train_eps"], row["train"], row["epochs"], row["seed"]), []).append(row)
+    lines = ["## Calibration of the regimes (before the estimate was read): PGD-10 at the training radius\n",
+             "| regime | train eps | train images | epochs | clean first / last | PGD-10 first / best (epoch) / last | "
+             "collapse (below half the best) |", "|---|---:|---:|---:|---|---|---|"]
+    for (regime, eps, train, epochs, _), series in runs.items():
+        pgd = [row["pgd10"] for row in series]
+        best = int(np.argmax(pgd))
+        collapse = _first_collapse(pgd)
+        lines.append(f"| {regime} | {eps:.4g} | {train} | {len(series)} / {epochs} | {series[0]['clean']:.3f} / "
+                     f"{series[-1]['clean']:.3f} | {pgd[0]:.3f} / {pgd[best]:.3f} ({best}) / {pgd[-1]:.3f} | "
+                     f"{collapse if collapse is not None else '-'} |")
+    return lines + [""]
+
+
+def report(data: str, rows: list[dict], calibration: list[dict] = ()) -> str:
     if not rows:
         return f"no rows for {data}: run `python bench/tracking.py --data {data} --regime ...` first"
     runs = _runs(rows)
@@ -68,6 +95,7 @@ def report(data: str, rows: list[dict]) -> str:
                  f"{row['train']} training images, {row['epochs']} epochs, {row['probes']} probes "
                  f"({row['aa_probes']} attacked by APGD)" for row in rows})) +
              "; the standard AutoAttack (with FAB-T and Square) at the selected checkpoints is not run yet.\n"]
+    lines += calibration_section([row for row in calibration if row["data"] == data])
     lines += ["## Runs\n", "| regime | seed | epochs done | clean (first / best / last) |", "|---|---:|---:|---|"]
     for (regime, seed, *_), epochs in runs.items():
         clean = [row["clean"] for row in epochs]

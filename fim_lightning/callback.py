@@ -647,7 +647,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         classes."""
         options = dict(self.estimator_options)
         generator = None
-        if "generator" in METHODS[self.method][1]:
+        if METHODS[self.method].random:
             generator = torch.Generator()
             generator.set_state(self._generator_state)
             options["generator"] = generator

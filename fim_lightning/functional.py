@@ -7,6 +7,7 @@ are cast on the fly), `dtype` of the small dense algebra (float64). Method optio
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Optional
@@ -23,16 +24,34 @@ from fim_lightning.validation import check_int, check_real
 SpectralMethod = Literal["auto", "exact", "power", "lanczos", "hutchinson"]
 TraceMethod = Literal["exact", "hutchinson"]
 
-METHODS = {
-    "auto": (algorithms.auto, {"max_iter", "tol", "generator", "chunk_size"}),
-    "exact": (algorithms.exact_dual, {"top_k", "max_neglected_mass", "chunk_size"}),
-    "power": (algorithms.power_iteration, {"max_iter", "tol", "generator"}),
-    "lanczos": (algorithms.lanczos, {"max_iter", "tol", "generator"}),
-    "hutchinson": (algorithms.gram_sketch, {"num_probes", "generator", "chunk_size"}),
+@dataclass(frozen=True)
+class Method:
+    """An algorithm on a `FisherOperator` and the options it takes: the keyword-only parameters of its
+    signature besides `dtype`, so the registry cannot drift from the functions."""
+
+    algorithm: Callable
+
+    @property
+    def options(self) -> frozenset[str]:
+        parameters = inspect.signature(self.algorithm).parameters.values()
+        return frozenset(p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name != "dtype")
+
+    @property
+    def random(self) -> bool:
+        """Whether it draws random numbers (takes a `generator`)."""
+        return "generator" in self.options
+
+
+METHODS: dict[str, Method] = {
+    "auto": Method(algorithms.auto),
+    "exact": Method(algorithms.exact_dual),
+    "power": Method(algorithms.power_iteration),
+    "lanczos": Method(algorithms.lanczos),
+    "hutchinson": Method(algorithms.gram_sketch),
 }
-TRACE_METHODS = {
-    "exact": (algorithms.exact_trace, {"chunk_size"}),
-    "hutchinson": (algorithms.hutchinson_trace, {"num_probes", "generator", "chunk_size"}),
+TRACE_METHODS: dict[str, Method] = {
+    "exact": Method(algorithms.exact_trace),
+    "hutchinson": Method(algorithms.hutchinson_trace),
 }
 
 
@@ -62,7 +81,7 @@ def select_algorithm(table: dict, method: str, options: dict) -> Callable:
     option's value is valid (the error names the option)."""
     if method not in table:
         raise ValueError(f"method must be one of {tuple(table)}, got {method!r}")
-    algorithm, accepted = table[method]
+    algorithm, accepted = table[method].algorithm, table[method].options
     unknown = set(options) - accepted
     if unknown:
         raise TypeError(f"option(s) {sorted(unknown)} do not apply to method={method!r}; it takes {sorted(accepted)}")

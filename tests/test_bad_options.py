@@ -93,3 +93,13 @@ def test_a_model_that_mixes_the_batch_gets_nan_and_a_warning():
             values = fl.fisher_spectral_norm(Centred(), x, method)
         assert torch.isnan(values).all()
     assert torch.isfinite(fl.fisher_spectral_norm(Centred(), x[:1])).all()  # one sample: nothing to mix
+
+
+def test_every_option_of_every_method_is_validated():
+    """The registry reads each algorithm's options from its signature; each one has a check that names it."""
+    from fim_lightning.functional import METHODS, OPTION_CHECKS, TRACE_METHODS
+
+    options = set().union(*(method.options for method in (*METHODS.values(), *TRACE_METHODS.values())))
+    assert options == set(OPTION_CHECKS)
+    assert METHODS["auto"].options == {"max_iter", "tol", "generator", "chunk_size"}
+    assert [name for name, method in METHODS.items() if not method.random] == ["exact"]

@@ -272,3 +272,28 @@ def test_wandb_gets_eigenvector_images_for_image_inputs(tmp_path, monkeypatch):
     media = [row for row in rows if "fim/eigenvectors/count" in row]
     assert len(media) == 1 and media[0]["fim/eigenvectors/count"] == 3
     assert list((run_dir / "files" / "media" / "images").rglob("eigenvectors_*.png"))  # W&B tiles the 3 into one file
+
+
+def test_top_k_logs_the_neglected_mass_and_nan_for_probes_beyond_the_threshold(tmp_path):
+    """With `estimator_options={"top_k": 2}` on four classes the merged mass of each probe is its probability
+    outside the top two: logged as `fim/neglected_mass/...` from an independent softmax, and the spectral
+    statistics come only from the probes below `max_neglected_mass` (the others are NaN, warned about)."""
+    threshold = 0.05
+    callback = fl.FisherRobustnessCallback(num_samples=24, method="exact", log_figures=False, eps={},
+                                           estimator_options={"top_k": 2, "max_neglected_mass": threshold})
+    with pytest.warns(RuntimeWarning, match="top_k=2 merged"):
+        model, _ = _fit(tmp_path, [callback], max_epochs=1)
+    probes = callback.state_dict()["probe_inputs"]
+    model.eval()
+    with torch.no_grad():
+        p = model.net(probes).double().softmax(-1).sort(dim=1, descending=True).values
+    mass = p[:, 2:].sum(1)
+    last = callback.history[-1]
+    assert last["fim/neglected_mass/mean"] == pytest.approx(mass.mean().item(), rel=1e-4)
+    assert last["fim/neglected_mass/max"] == pytest.approx(mass.max().item(), rel=1e-4)
+    kept = mass <= threshold
+    assert kept.any() and not kept.all()
+    exact = fl.fisher_spectral_norm(model, probes, "exact", mode="eval")
+    bound = fl.fisher_spectral_norm(model, probes, "exact", top_k=2, max_neglected_mass=1.0, mode="eval")
+    assert last["fim/spectral_norm/mean"] == pytest.approx(bound[kept].mean().item(), rel=1e-5)
+    assert (bound[kept] <= exact[kept] * (1 + 1e-6)).all()

@@ -121,3 +121,30 @@ def test_bad_arguments_are_named():
         fl.estimated_robust_accuracy(model, x, torch.zeros(4, dtype=torch.long), [0.1])
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['top_k'\]"):
         fl.estimated_robust_accuracy(model, x, torch.zeros(3, dtype=torch.long), [0.1], top_k=3)
+
+
+def _closed_form_over(model, x, norm, classes_of):
+    """The closed form with the minimum over `classes_of(i)` only."""
+    z, w = model(x).detach(), model.weight.detach()
+    t = z.argmax(1)
+    dual = 2 if norm == "l2" else 1
+    return torch.stack([min((z[i, t[i]] - z[i, k]) / (w[t[i]] - w[k]).norm(p=dual) for k in classes_of(i))
+                        for i in range(len(x))])
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_many_classes_use_the_most_probable_candidates_and_all_on_request(norm):
+    """A 200-class linear model: by default the minimum runs over the 32 most probable other classes (the closed
+    form restricted to them), never below the minimum over all; `candidates=199` is the full closed form."""
+    model = _linear(classes=200, dim=6, seed=3)
+    x = torch.randn(12, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ranked = model(x).detach().argsort(1, descending=True)
+    restricted = _closed_form_over(model, x, norm, lambda i: ranked[i, 1:33].tolist())
+    full = _closed_form(model, x, norm)
+    default = fl.estimated_minimal_perturbation(model, x, norm, line_steps=0)
+    torch.testing.assert_close(default, restricted, rtol=1e-12, atol=0)
+    assert (default >= full * (1 - 1e-12)).all()
+    every = fl.estimated_minimal_perturbation(model, x, norm, line_steps=0, candidates=199)
+    torch.testing.assert_close(every, full, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        fl.estimated_minimal_perturbation(model, x, norm, candidates=0)
