@@ -10,6 +10,9 @@ resident memory above its state before the call, one subprocess per measurement)
 (`robust_distances`, the callback's call: L2 and L-inf from one set of VJPs, inside [0, 1]) with every class as candidate against the
 default 32 candidates: the largest relative difference and the share of samples whose distance is the same.
 
+The crossover that sets `algorithms.AUTO_EXACT_CLASSES`: exact against Lanczos seconds on ResNet-18 at 32 px
+(4 images) as the number of classes grows (`CROSSOVER`).
+
 Rows are appended to `bench/results/large_classes.jsonl` as they finish, and a rerun skips those done;
 `--report` writes `bench/results/large_classes.md`.
 
@@ -42,6 +45,7 @@ METHODS = {"exact": ("exact", {}), "top_k=20": ("exact", {"top_k": 20, "max_negl
            "lanczos": ("lanczos", {}), "power": ("power", {}), "auto": ("auto", {})}
 DISTANCES = {"distance, all classes": 999, "distance, 32 candidates": None}
 PROBES = 2
+CROSSOVER = (16, 32, 64, 128, 256)
 
 
 def _model_and_inputs(arch: str, regime: str):
@@ -80,6 +84,22 @@ def measure(arch: str, regime: str, name: str) -> dict:
             "machine": machine()}
 
 
+def crossover(classes: int) -> dict:
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=classes).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    seconds = {}
+    for method in ("exact", "lanczos"):
+        fl.fisher_spectral_norm(net, x[:1], method)  # warm-up
+        start = time.perf_counter()
+        fl.fisher_spectral_norm(net, x, method)
+        seconds[method] = time.perf_counter() - start
+    return {"model": "resnet18", "regime": "crossover", "name": f"C={classes}", "classes": classes, **seconds,
+            "machine": machine()}
+
+
 def report(rows: list[dict]) -> str:
     lines = ["# 1000 classes: methods against exact, and the robustness estimate's candidates\n",
              f"Machine(s): {'; '.join(sorted({row['machine'] for row in rows}))}. Untrained torchvision weights "
@@ -89,7 +109,7 @@ def report(rows: list[dict]) -> str:
              "seconds | x faster than exact | peak MiB |", "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     table = {(row["model"], row["regime"], row["name"]): row for row in rows}
     for (arch, regime, name), row in table.items():
-        if name not in METHODS:
+        if name not in METHODS or regime == "crossover":
             continue
         exact = table.get((arch, regime, "exact"))
         if exact is None:
@@ -112,6 +132,12 @@ def report(rows: list[dict]) -> str:
             same = sum(abs(a - b) <= 1e-9 * b for a, b in pairs) / len(pairs)
             lines.append(f"| {arch} | {regime} | {norm} | {difference:.1e} | {same:.2f} | "
                          f"{full['seconds']:.1f} / {row['seconds']:.1f} |")
+    crossing = [row for row in rows if row["regime"] == "crossover"]
+    if crossing:
+        lines += ["", "## Where exact stops being cheaper (ResNet-18, 32 px, 4 images): `AUTO_EXACT_CLASSES`\n",
+                  "| classes | exact (s) | Lanczos (s) | exact / Lanczos |", "|---:|---:|---:|---:|"]
+        lines += [f"| {row['classes']} | {row['exact']:.2f} | {row['lanczos']:.2f} | {row['exact'] / row['lanczos']:.2f} |"
+                  for row in sorted(crossing, key=lambda row: row["classes"])]
     return "\n".join(lines) + "\n"
 
 
@@ -121,24 +147,26 @@ def main() -> None:
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "REGIME", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(*args.one)))
+        arch, regime, name = args.one
+        print(json.dumps(crossover(int(name)) if regime == "crossover" else measure(arch, regime, name)))
         return
     rows = [json.loads(line) for line in ROWS.read_text().splitlines()] if ROWS.exists() else []
     if not args.report:
         done = {(row["model"], row["regime"], row["name"]) for row in rows}
-        for arch in MODELS:
-            for regime in REGIMES:
-                for name in (*METHODS, *DISTANCES):
-                    if (arch, regime, name) in done:
-                        continue
-                    output = subprocess.run([sys.executable, __file__, "--one", arch, regime, name], check=True,
-                                            capture_output=True, text=True).stdout
-                    row = json.loads(output.strip().splitlines()[-1])
-                    rows.append(row)
-                    RESULTS.mkdir(exist_ok=True)
-                    with open(ROWS, "a") as handle:
-                        handle.write(json.dumps(row) + "\n")
-                    print(arch, regime, name, f"{row['seconds']:.1f} s", flush=True)
+        jobs = [(arch, regime, name) for arch in MODELS for regime in REGIMES for name in (*METHODS, *DISTANCES)]
+        jobs += [("resnet18", "crossover", str(classes)) for classes in CROSSOVER]
+        for arch, regime, name in jobs:
+            key = (arch, regime, f"C={name}" if regime == "crossover" else name)
+            if key in done:
+                continue
+            output = subprocess.run([sys.executable, __file__, "--one", arch, regime, name], check=True,
+                                    capture_output=True, text=True).stdout
+            row = json.loads(output.strip().splitlines()[-1])
+            rows.append(row)
+            RESULTS.mkdir(exist_ok=True)
+            with open(ROWS, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(arch, regime, name, flush=True)
     text = report(rows)
     (RESULTS / "large_classes.md").write_text(text)
     print(text)

@@ -102,15 +102,15 @@ def exact_dual(
     merged Fisher, a lower bound; a sample whose merged mass exceeds `max_neglected_mass` gets NaN with a
     warning, so a lower bound is not read as the value (`max_neglected_mass=1` keeps every bound)."""
     weights, neglected = dual_weights(op.log_probs, top_k)
-    coarse = neglected is not None and bool((neglected > max_neglected_mass).any())
-    if coarse:
-        unreliable = (neglected > max_neglected_mass) & ~op.invalid
-        warn_samples(unreliable, f"top_k={top_k} merged up to {neglected[unreliable].max().item():.3g} of the "
+    if neglected is not None:
+        coarse = (neglected > max_neglected_mass) & ~op.invalid
+        if coarse.any():
+            warn_samples(coarse, f"top_k={top_k} merged up to {neglected[coarse].max().item():.3g} of the "
                                  f"probability (> max_neglected_mass={max_neglected_mass}) into one class, so "
                                  "lambda_max would be a lower bound, not the value; use method='auto' (Lanczos "
                                  "for many classes), a larger top_k, or max_neglected_mass=1 to accept the bound")
-        neglected = torch.where(op.invalid, math.nan, neglected)
-        op.invalid = op.invalid | unreliable
+        neglected = op.nan_invalid(neglected)  # the mass stays reported where it made the value NaN
+        op.invalid = op.invalid | coarse
     rows = op.screen(op.factor(weights, chunk_size), NONFINITE_JACOBIAN)
     flat = rows.flatten(2).to(dtype)
     eigenvalue, u = _top_eigenpair_of(flat @ flat.mT)
@@ -120,7 +120,7 @@ def exact_dual(
         eigenvector=op.nan_invalid(unit(direction.view(op.inputs.shape))),
         residual=None,
         steps=weights.shape[0],
-        neglected_mass=None if neglected is None else (neglected if coarse else op.nan_invalid(neglected)).to(dtype),
+        neglected_mass=None if neglected is None else neglected.to(dtype),
         trace=op.nan_invalid(flat.square().sum((1, 2))),
     )
 
@@ -210,7 +210,7 @@ def lanczos(
                         residual=_nan_invalid(op, residual), steps=j + 1)
 
 
-AUTO_EXACT_CLASSES = 64  # exact below: C - 1 VJPs cost less than Lanczos' ~13 JVP + VJP pairs (bench/large_classes.py)
+AUTO_EXACT_CLASSES = 64  # exact up to here: C - 1 VJPs cost less than Lanczos' JVP + VJP pairs (bench/large_classes.py)
 
 
 def auto(

@@ -278,3 +278,15 @@ def test_scores_for_many_classes_carry_a_sampled_trace_with_its_error():
     assert scores.trace_stderr is not None and (scores.trace_stderr > 0).all()
     assert ((scores.trace - reference).abs() <= 4 * scores.trace_stderr).all()
     assert fl.fisher_scores(net, x, "exact").trace_stderr is None
+
+
+def test_the_fallback_of_auto_keeps_the_held_batch_statistics_in_train_mode():
+    """mode='train' with BatchNorm: the exact route on the unconverged subset normalises by the whole recorded
+    batch's statistics, as every other pass does, so it equals the exact route on the whole batch."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 200))
+    x = torch.randn(6, 12)
+    exact = fl.fisher_spectral_norm(net, x, "exact", mode="train", model_dtype=torch.float64)
+    starved = fl.fisher_top_eigenpair(net, x, max_iter=2, mode="train", model_dtype=torch.float64)
+    torch.testing.assert_close(starved.eigenvalue, exact, rtol=1e-10, atol=0)
+    assert starved.steps == 2 + 199
