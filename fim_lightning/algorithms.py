@@ -320,9 +320,9 @@ def sampled_trace(
     """tr F = tr(A A^T) = E_u |A^T u|^2 over Rademacher u in R^(C-1): `num_probes` VJPs on the recorded reverse
     pass instead of the C - 1 of `exact_trace` (the trace beside a Lanczos lambda_max for many classes),
     unbiased, with the standard error of the mean."""
-    weights = dual_weights(op.log_probs)[0]
-    signs = rademacher((num_probes, *weights.shape[1:2], weights.shape[0]), weights,
-                       default_generator(op.inputs.device, generator))
+    weights = dual_weights(op.log_probs)[0]  # (K, B, C): the rows of A are J^T w_k
+    count, batch = weights.shape[:2]
+    signs = rademacher((num_probes, batch, count), weights, default_generator(op.inputs.device, generator))
     rows = op.screen(op.factor(torch.einsum("kbc,nbk->nbc", weights, signs), chunk_size), NONFINITE_JACOBIAN)
     samples = rows.flatten(2).to(dtype).square().sum(-1)
     stderr = samples.std(1) / math.sqrt(num_probes) if num_probes > 1 else torch.full_like(samples[:, 0], math.inf)
