@@ -21,7 +21,7 @@ from fim_lightning.operator import FisherOperator, OutputKind
 from fim_lightning.reductions import Reduction, check_reduction, reduce_values
 from fim_lightning.validation import check_int, check_real
 
-SpectralMethod = Literal["auto", "exact", "power", "lanczos", "hutchinson"]
+SpectralMethod = Literal["auto", "exact", "power", "lanczos", "gram_sketch", "hutchinson"]
 TraceMethod = Literal["exact", "hutchinson"]
 
 @dataclass(frozen=True)
@@ -47,8 +47,10 @@ METHODS: dict[str, Method] = {
     "exact": Method(algorithms.exact_dual),
     "power": Method(algorithms.power_iteration),
     "lanczos": Method(algorithms.lanczos),
-    "hutchinson": Method(algorithms.gram_sketch),
+    "gram_sketch": Method(algorithms.gram_sketch),
 }
+# the Gram sketch's former name (the trace's "hutchinson" is Hutchinson's estimator): kept for older code and configs
+METHODS["hutchinson"] = METHODS["gram_sketch"]
 TRACE_METHODS: dict[str, Method] = {
     "exact": Method(algorithms.exact_trace),
     "hutchinson": Method(algorithms.hutchinson_trace),
@@ -144,7 +146,8 @@ def fisher_spectral_norm(model: Callable, inputs: Tensor, method: SpectralMethod
     a quantile: the functional twin of `FisherSpectralNorm`). `method`: "auto" (the default: "exact" for
     C <= 64 classes, else Lanczos converged to `tol` with "exact" where it is not; `max_iter`, `tol`,
     `generator`, `chunk_size`), "exact" (C x C dual; `top_k`, `max_neglected_mass`, `chunk_size`), "power" /
-    "lanczos" (`max_iter`, `tol`, `generator`), "hutchinson" (`num_probes`, `generator`, `chunk_size`)."""
+    "lanczos" (`max_iter`, `tol`, `generator`), "gram_sketch" (`num_probes`, `generator`, `chunk_size`; also
+    accepted under its former name "hutchinson")."""
     check_reduction(reduction)
     return reduce_values(fisher_top_eigenpair(model, inputs, method, **options).eigenvalue, reduction)
 

@@ -25,7 +25,7 @@ class FisherSpectralNorm(Metric):
 
     Args:
         method: "auto" (the default: exact for C <= 64 classes, converged Lanczos above), "exact", "power",
-            "lanczos" or "hutchinson".
+            "lanczos" or "gram_sketch" (formerly "hutchinson").
         reduction: "mean", "median", "max", "none" (every per-sample value) or a quantile in [0, 1].
         output: what the model returns: "logits", "probs" or "log_probs".
         estimator_options: options of the method (e.g. `{"top_k": 20}` or `{"num_probes": 32}`).

@@ -103,3 +103,10 @@ def test_every_option_of_every_method_is_validated():
     assert options == set(OPTION_CHECKS)
     assert METHODS["auto"].options == {"max_iter", "tol", "generator", "chunk_size"}
     assert [name for name, method in METHODS.items() if not method.random] == ["exact"]
+
+
+def test_the_gram_sketch_keeps_its_former_name():
+    model, x = nn.Linear(6, 4), torch.randn(3, 6)
+    new = fl.fisher_spectral_norm(model, x, "gram_sketch", generator=torch.Generator().manual_seed(0))
+    old = fl.fisher_spectral_norm(model, x, "hutchinson", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(new, old)
