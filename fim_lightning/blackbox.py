@@ -12,8 +12,8 @@ G = W (1/K sum_k y_k y_k^T) W^T, with the cancellation-free factor W of M = diag
 Step: the displacement |h u| = eps^(1/3) * max(1, rms(x)), with eps the coarser of the inputs' precision and
 the precision the predictor really answers in: the coarsest float type (bfloat16, float16, float32) that
 holds every returned value exactly (a float32 endpoint fed float64 inputs answers in float32, a float16 model
-in float16, whatever dtype its values are handed back in). On a CIFAR CNN a per-coordinate step that large
-(|h u| 55x bigger) biased lambda_max by -10%, this one by -1% (`bench/blackbox.py`). Differences near the
+in float16, whatever dtype its values are handed back in); a per-coordinate step of that size is far larger
+and biases lambda_max (docs/benchmarks.md, `bench/blackbox.py`). Differences near the
 rounding level are refused per sample: where the rounding noise of the outputs (eps / 2 per log-probability
 and logit unit) carries more than 5% of the differenced energy, the sample's estimates are NaN with a
 warning that names it (a hard-label or quantised predictor, or a `step` too small for its precision). So are

@@ -113,8 +113,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             to disable.
         every_n_train_steps: score after every n-th optimizer step; None to disable.
         method: "auto" (the default: "exact", C - 1 VJPs per sample, for C <= 64 classes; above, Lanczos
-            converged to ``tol`` with "exact" where it is not: at 1000 classes 24-69x faster than "exact" and within
-            3e-7 of it, docs/benchmarks.md),
+            converged to ``tol`` with "exact" where it is not; measured at 1000 classes in docs/benchmarks.md),
             "exact", "power", "lanczos" or "gram_sketch" (formerly "hutchinson").
         estimator_options: options of the method. With ``{"top_k": k}`` ("exact") the merged mass is logged as
             ``{prefix}/neglected_mass/...`` and a probe that merged more than ``max_neglected_mass`` (0.01) gets

@@ -211,9 +211,8 @@ def preserved_state(model: Callable, *tensors: Tensor, mode: Mode = "eval",
         if torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        # the same function without the compiled graphs: inductor's second derivatives of a penalty were measured
-        # wrong (FisherTracePenalty's parameter gradient 125% off on a small CNN), and every transform would
-        # recompile (a JVP, a VJP, a vmap: tens of seconds each on a CPU)
+        # the same function without the compiled graphs: inductor's second derivatives of a penalty were wrong
+        # (tests/test_compiled.py), and every transform would recompile
         stack.enter_context(torch.compiler.set_stance("force_eager"))
         torch.backends.mha.set_fastpath_enabled(False)
         if second_order:

@@ -364,7 +364,7 @@ class FisherOperator:
         """Rows J^T w_k for cotangents (K, B, C): returns (B, K, *input_shape).
 
         `chunk_size` cotangents go through one vmapped VJP at a time (memory grows with it). None picks all
-        K at once on CUDA and 1 on CPU, where a loop of VJPs on the recorded graph is about 3x faster than vmap.
+        K at once on CUDA and 1 on CPU, where a loop of VJPs on the recorded graph is faster than vmap.
         """
         self._reverse()
         if chunk_size is None:
