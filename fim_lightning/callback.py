@@ -151,7 +151,10 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         collapse_drop: the robust-collapse alarm: ``{prefix}/alarm/robust_collapse`` is 1 at an evaluation where
             the estimated robust accuracy at some radius fell below (1 - collapse_drop) times its best so far (a
             best of at least 5%), else 0, with a warning when it fires (catastrophic overfitting). Stop on it with
-            ``EarlyStopping(monitor="fim/alarm/robust_collapse", mode="min", divergence_threshold=0.5)``.
+            ``EarlyStopping(monitor="fim/alarm/robust_collapse", mode="min", divergence_threshold=0.5)``. Beside it,
+            ``{prefix}/robust_drop/{norm}/{eps}`` is the best estimated robust accuracy so far minus the current one
+            (robust overfitting: it grows after the peak); keep the most robust checkpoint with
+            ``ModelCheckpoint(monitor="fim/robust_accuracy/{norm}/{eps}", mode="max")``.
     """
 
     def __init__(
@@ -532,21 +535,24 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         return stats
 
     def _collapse_alarm(self, trainer: pl.Trainer, stats: dict[str, float]) -> dict[str, float]:
-        """`{prefix}/alarm/robust_collapse` against the best of each robust-accuracy key over the training curve."""
+        """`{prefix}/alarm/robust_collapse` against the best of each robust-accuracy key over the training curve,
+        and per key `{prefix}/robust_drop/{norm}/{eps}`: the best so far minus now (0 at a new best; it grows as
+        robust accuracy peaks and falls, robust overfitting)."""
         keys = [key for key in stats if key.startswith(f"{self.prefix}/robust_accuracy/")]
         if not keys:
             return {}
-        fired = []
+        fired, drops = [], {}
         for key in keys:
             best = max((record[key] for record in self.history if record.get("stage") == "fit" and key in record),
                        default=math.nan)
+            name = key.removeprefix(self.prefix + "/robust_accuracy/")
+            drops[f"{self.prefix}/robust_drop/{name}"] = 0.0 if not best > stats[key] else best - stats[key]
             if best >= 0.05 and stats[key] < (1 - self.collapse_drop) * best:
-                name = key.removeprefix(self.prefix + "/robust_accuracy/")
                 fired.append(f"{name}: {stats[key]:.3f} after {best:.3f}")
         if fired:
             rank_zero_warn(f"FisherRobustnessCallback: robust accuracy collapsed at step {trainer.global_step} "
                            f"({'; '.join(fired)}): catastrophic overfitting? Check with an attack (attacks=)")
-        return {f"{self.prefix}/alarm/robust_collapse": float(bool(fired))}
+        return {f"{self.prefix}/alarm/robust_collapse": float(bool(fired)), **drops}
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, share: Tensor, labels: Tensor,
                    values: Tensor) -> dict[str, float]:
