@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fim_lightning import algorithms
-from fim_lightning.guard import EVAL_PASSES, ForwardPasses, Mode, active_dropout, preserved_state
+from fim_lightning.guard import ForwardPasses, Mode, active_dropout, preserved_state
 from fim_lightning.operator import OUTPUT_KINDS, FisherOperator, OutputKind, check_inputs, dual_weights, \
     kl_divergence, log_probs_from_output
 from fim_lightning.sampling import rademacher, random_unit, unit
@@ -60,7 +60,6 @@ class FisherPenalty(nn.Module):
         self.output = check_choice("output", output, OUTPUT_KINDS)
         self.seed = check_int("seed", seed)
         self._generator: Optional[torch.Generator] = None
-        self._passes: ForwardPasses = EVAL_PASSES
 
     @property
     def generator(self) -> torch.Generator:
@@ -83,13 +82,10 @@ class FisherPenalty(nn.Module):
             return inputs.new_zeros(())
         if logits is not None and not self._reusable(model, inputs, logits):
             logits = None
-        with preserved_state(model, inputs, mode=self.mode, second_order=True) as self._passes:
-            try:
-                if logits is not None:
-                    self._check_logits(model, inputs, logits)
-                values = self.per_sample(model, inputs.detach(), logits)
-            finally:
-                self._passes = EVAL_PASSES
+        with preserved_state(model, inputs, mode=self.mode, second_order=True) as passes:
+            if logits is not None:
+                self._check_logits(model, inputs, logits)
+            values = self.per_sample(model, inputs.detach(), logits, passes)
         value = values.mean()
         if not torch.isfinite(value):
             raise FloatingPointError(f"{type(self).__name__} is {value.item()} (non-finite Fisher estimate)")
@@ -118,11 +114,13 @@ class FisherPenalty(nn.Module):
                              f"log-probabilities differ by {gap:.3g}); pass the logits of this batch's forward pass, "
                              "or none")
 
-    def per_sample(self, model: Callable, inputs: Tensor, logits: Optional[Tensor]) -> Tensor:
+    def per_sample(self, model: Callable, inputs: Tensor, logits: Optional[Tensor], passes: ForwardPasses) -> Tensor:
+        """The per-sample values inside the guard; `passes` (from `preserved_state`) defines a forward pass."""
         raise NotImplementedError
 
-    def _operator(self, model: Callable, inputs: Tensor, differentiable: bool = True) -> FisherOperator:
-        return FisherOperator(model, inputs, output=self.output, differentiable=differentiable, passes=self._passes)
+    def _operator(self, model: Callable, inputs: Tensor, passes: ForwardPasses,
+                  differentiable: bool = True) -> FisherOperator:
+        return FisherOperator(model, inputs, output=self.output, differentiable=differentiable, passes=passes)
 
 
 def _quadratic_form(op: FisherOperator, tangent: Tensor) -> Tensor:
@@ -140,8 +138,8 @@ class FisherTracePenalty(FisherPenalty):
         super().__init__(weight, every_n_steps, warmup_steps, mode, output, seed)
         self.num_probes = check_int("num_probes", num_probes, 1)
 
-    def per_sample(self, model, inputs, logits):
-        op = self._operator(model, inputs)
+    def per_sample(self, model, inputs, logits, passes):
+        op = self._operator(model, inputs, passes)
         return sum(_quadratic_form(op, rademacher(inputs.shape, inputs, self.generator)) for _ in range(self.num_probes)) / self.num_probes
 
 
@@ -155,12 +153,12 @@ class FisherSpectralPenalty(FisherPenalty):
         self.eigenvector = check_choice("eigenvector", eigenvector, ("exact", "power"))
         self.steps = check_int("steps", steps, 1)
 
-    def per_sample(self, model, inputs, logits):
+    def per_sample(self, model, inputs, logits, passes):
         # the differentiable operator records the batch statistics (with their graph) first; the search reuses
         # them, and every pass replays the same dropout mask
-        differentiable = self._operator(model, inputs)
+        differentiable = self._operator(model, inputs, passes)
         with torch.no_grad():
-            search = FisherOperator(model, inputs, output=self.output, passes=self._passes)
+            search = FisherOperator(model, inputs, output=self.output, passes=passes)
             if self.eigenvector == "exact":
                 v = algorithms.exact_dual(search).eigenvector
             else:
@@ -177,17 +175,17 @@ class FisherKLPenalty(FisherPenalty):
         super().__init__(weight, every_n_steps, warmup_steps, mode, output, seed)
         self.step_size = check_real("step_size", step_size, 0.0, strict=True)
 
-    def per_sample(self, model, inputs, logits):
+    def per_sample(self, model, inputs, logits, passes):
         direction = random_unit(inputs, self.generator)
         if logits is None:
-            op = self._operator(model, inputs)  # in train mode: records the batch statistics of `inputs`
+            op = self._operator(model, inputs, passes)  # in train mode: records the batch statistics of `inputs`
             log_p = op.log_probs
             log_q = op.log_probs_at(op.inputs + self.step_size * direction.to(op.inputs.dtype))
         else:
             # one forward: the perturbed batch is normalised by its own statistics, as the caller's batch was;
             # they differ from the clean batch's by O(h / sqrt(B)), a relative bias of O(1 / B) in the KL
             log_p = log_probs_from_output(logits, self.output)
-            log_q = self._operator(model, inputs + self.step_size * direction).log_probs
+            log_q = self._operator(model, inputs + self.step_size * direction, passes).log_probs
         kl = kl_divergence(log_p, log_q)
         return inputs[0].numel() * 2 * kl / self.step_size**2
 
@@ -225,8 +223,8 @@ class FisherWorstDirectionPenalty(FisherPenalty):
             v = torch.where(moved.view(-1, *([1] * (v.ndim - 1))), unit(gradient), v)
         return v.detach()
 
-    def per_sample(self, model, inputs, logits):
-        op = self._operator(model, inputs)  # in train mode: records the batch statistics of `inputs`
+    def per_sample(self, model, inputs, logits, passes):
+        op = self._operator(model, inputs, passes)  # in train mode: records the batch statistics of `inputs`
         log_p = op.log_probs if logits is None else log_probs_from_output(logits, self.output)
         v = self.direction(op, log_p.detach())
         log_q = op.log_probs_at(op.inputs + self.step_size * v)
