@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from fim_lightning.linear_operator import PerSampleOperator
 from fim_lightning.operator import FisherOperator, dual_weights, warn_samples
 from fim_lightning.sampling import default_generator, rademacher, random_unit, unit
 
@@ -67,22 +68,11 @@ def _per_sample(scalars: Tensor, like: Tensor) -> Tensor:
 NONFINITE_JACOBIAN = "the Jacobian is not finite (NaN or inf)"
 
 
-class Operator(Protocol):
-    """What `power_iteration` and `lanczos` need: `inputs` (B, ...) giving the shape, dtype and device of the
-    vectors, and `matvec`, a symmetric positive semi-definite product per sample. A `FisherOperator` also
-    screens non-finite samples (`screen`, `nan_invalid`); other operators are taken as they are."""
-
-    inputs: Tensor
-
-    def matvec(self, vectors: Tensor) -> Tensor: ...
-
-
-def _screened(op: Operator, values: Tensor) -> Tensor:
-    return op.screen(values, NONFINITE_JACOBIAN) if hasattr(op, "screen") else values
-
-
-def _nan_invalid(op: Operator, values: Tensor) -> Tensor:
-    return op.nan_invalid(values) if hasattr(op, "nan_invalid") else values
+def _start(op: PerSampleOperator, max_iter: int, generator: Optional[torch.Generator]) -> Tensor:
+    """The shared opening of the iterative methods: a valid step budget and a Gaussian unit start per sample."""
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    return random_unit(op.inputs, generator)
 
 
 def _top_eigenpair_of(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -126,7 +116,7 @@ def exact_dual(
 
 
 def power_iteration(
-    op: Operator,
+    op: PerSampleOperator,
     *,
     max_iter: int = 100,
     tol: float = 1e-6,
@@ -135,13 +125,11 @@ def power_iteration(
 ) -> TopEigenpair:
     """v <- F v / |F v| until every sample's Rayleigh quotient changes by <= tol (relative) and its
     residual |F v - lambda v| / lambda <= sqrt(tol), or `max_iter` steps (tol=0 runs exactly max_iter)."""
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    v = _start(op, max_iter, generator)
     x = op.inputs
-    v = random_unit(x, generator)
     previous = torch.full((x.shape[0],), math.inf, dtype=dtype, device=x.device)
     for step in range(1, max_iter + 1):
-        w = _screened(op, op.matvec(v))
+        w = op.screen(op.matvec(v), NONFINITE_JACOBIAN)
         rayleigh = (v.flatten(1).to(dtype) * w.flatten(1).to(dtype)).sum(1).clamp_min(0.0)
         scale = rayleigh.clamp_min(torch.finfo(dtype).tiny)
         residual = _flat_norm(w - _per_sample(rayleigh, w) * v).to(dtype) / scale
@@ -151,12 +139,12 @@ def power_iteration(
         previous = rayleigh
         moved = _flat_norm(w) > 0
         v = torch.where(_per_sample(moved, v).bool(), unit(w), v)
-    return TopEigenpair(eigenvalue=_nan_invalid(op, rayleigh), eigenvector=_nan_invalid(op, v),
-                        residual=_nan_invalid(op, residual), steps=step)
+    return TopEigenpair(eigenvalue=op.nan_invalid(rayleigh), eigenvector=op.nan_invalid(v),
+                        residual=op.nan_invalid(residual), steps=step)
 
 
 def lanczos(
-    op: Operator,
+    op: PerSampleOperator,
     *,
     max_iter: int = 64,
     tol: float = 1e-6,
@@ -166,12 +154,10 @@ def lanczos(
     """Batched Lanczos with full re-orthogonalisation. Stops when every sample's top Ritz value changes by
     <= tol (relative) and its residual beta_m |s_m| / theta <= sqrt(tol), or on an invariant subspace
     (rank F <= C - 1, so at most C steps are ever needed)."""
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    q = _start(op, max_iter, generator).flatten(1)
     x = op.inputs
     batch, dim = x.shape[0], x[0].numel()
     steps = min(max_iter, dim)
-    q = random_unit(x, generator).flatten(1)
     basis = torch.zeros(batch, steps, dim, dtype=x.dtype, device=x.device)
     alphas = torch.zeros(batch, steps, dtype=dtype, device=x.device)
     betas = torch.zeros(batch, steps, dtype=dtype, device=x.device)
@@ -182,7 +168,7 @@ def lanczos(
     breakdown = 100 * torch.finfo(x.dtype).eps
     for j in range(steps):
         basis[:, j] = q
-        w = _screened(op, op.matvec(q.view(x.shape))).flatten(1)
+        w = op.screen(op.matvec(q.view(x.shape)), NONFINITE_JACOBIAN).flatten(1)
         alpha = (q.to(dtype) * w.to(dtype)).sum(1)
         w = w - _per_sample(alpha, w) * q - _per_sample(beta_prev, w) * q_prev
         for _ in range(2):
@@ -206,8 +192,8 @@ def lanczos(
         q_prev, beta_prev = q, kept_beta
         q = torch.where(exhausted[:, None], torch.zeros_like(w), w / _per_sample(beta.clamp_min(torch.finfo(dtype).tiny), w))
     vector = (s.to(x.dtype).unsqueeze(1) @ basis[:, : j + 1]).squeeze(1)
-    return TopEigenpair(eigenvalue=_nan_invalid(op, ritz), eigenvector=_nan_invalid(op, unit(vector.view(x.shape))),
-                        residual=_nan_invalid(op, residual), steps=j + 1)
+    return TopEigenpair(eigenvalue=op.nan_invalid(ritz), eigenvector=op.nan_invalid(unit(vector.view(x.shape))),
+                        residual=op.nan_invalid(residual), steps=j + 1)
 
 
 AUTO_EXACT_CLASSES = 64  # exact up to here: C - 1 VJPs cost less than Lanczos' JVP + VJP pairs (bench/large_classes.py)

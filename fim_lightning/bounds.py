@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from fim_lightning.algorithms import power_iteration
 from fim_lightning.guard import preserved_state
+from fim_lightning.linear_operator import PerSampleOperator
 
 _ACTIVATION_CONSTANTS = {nn.ReLU: 1.0, nn.Tanh: 1.0, nn.Identity: 1.0, nn.Flatten: 1.0, nn.Sigmoid: 0.25,
                          nn.GELU: 1.13, nn.SiLU: 1.1, nn.Dropout: 1.0}
@@ -97,9 +98,9 @@ def linear_operator_norm(layer: nn.Module, input_shape: tuple[int, ...], max_ite
     return math.sqrt(max(value, 0.0)) * (1 + 10 * _POWER_TOL)
 
 
-class GramOperator:
-    """A^T A for a linear map `apply` on inputs shaped like `like`, the adjoint by autograd: an operator with
-    a product and a shape, as the algorithms take."""
+class GramOperator(PerSampleOperator):
+    """A^T A for a linear map `apply` on inputs shaped like `like`, the adjoint by autograd (every sample
+    trusted: the base's `screen` and `nan_invalid`)."""
 
     def __init__(self, apply: Callable[[Tensor], Tensor], like: Tensor) -> None:
         self.apply, self.inputs = apply, like

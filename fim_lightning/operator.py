@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fim_lightning.guard import EVAL_PASSES, ForwardPasses, user_stacklevel
+from fim_lightning.linear_operator import PerSampleOperator
 
 OutputKind = Literal["logits", "probs", "log_probs"]
 OUTPUT_KINDS = ("logits", "probs", "log_probs")
@@ -204,7 +205,7 @@ def functional_forward(model: Callable, dtype: torch.dtype, differentiable: bool
     return lambda x: torch.func.functional_call(model, state, (x,))
 
 
-class FisherOperator:
+class FisherOperator(PerSampleOperator):
     """F(x_i) = J_i^T M_i J_i for each sample x_i of a batch, through torch.func.
 
     Samples are independent (eval-mode layers), so one batched JVP gives J v per sample and one batched
