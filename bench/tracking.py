@@ -31,10 +31,8 @@ import argparse
 import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from fim_lightning.linear_operator import PerSampleOperator
-from fim_lightning.operator import FisherOperator, dual_weights, warn_samples
+from fim_lightning.operator import FisherOperator, dual_weights
+from fim_lightning.outputs import warn_samples
 from fim_lightning.sampling import default_generator, rademacher, random_unit, unit
 
 

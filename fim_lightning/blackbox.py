@@ -44,8 +44,9 @@ import torch
 from torch import Tensor
 
 from fim_lightning.algorithms import sketch
-from fim_lightning.operator import OutputKind, as_class_scores, check_inputs, check_output_kind, \
-    check_output_values, dual_weights, log_probs_from_output, uniform_where, warn_samples
+from fim_lightning.operator import dual_weights
+from fim_lightning.outputs import OutputKind, as_class_scores, check_inputs, check_output_kind, check_output_values, \
+    log_probs_from_output, uniform_where, warn_samples
 from fim_lightning.sampling import default_generator, orthonormal_probes
 from fim_lightning.validation import check_int, check_real
 

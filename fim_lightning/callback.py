@@ -20,7 +20,7 @@ from fim_lightning import writers
 from fim_lightning.flavours import CALLBACK_BASES, MISCONFIGURATION_ERRORS, MisconfigurationException
 from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_options, fisher_operator, fisher_scores
 from fim_lightning.guard import forked_rng, preserved_state
-from fim_lightning.operator import OUTPUT_KINDS, OutputKind, as_class_scores
+from fim_lightning.outputs import OUTPUT_KINDS, OutputKind, as_class_scores
 from fim_lightning.reductions import SUMMARY, summarize
 from fim_lightning.robustness import NORMS, check_bounds, check_eps, robust_accuracy, robust_distances
 from fim_lightning.validation import check_bool, check_choice, check_int, check_real, check_str

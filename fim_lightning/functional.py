@@ -17,7 +17,8 @@ from torch import Tensor
 
 from fim_lightning import algorithms
 from fim_lightning.guard import Mode, active_dropout, preserved_state, resolve_mode
-from fim_lightning.operator import FisherOperator, OutputKind
+from fim_lightning.operator import FisherOperator
+from fim_lightning.outputs import OutputKind
 from fim_lightning.reductions import Reduction, check_reduction, reduce_values
 from fim_lightning.validation import check_int, check_real
 

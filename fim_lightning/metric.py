@@ -11,7 +11,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from fim_lightning.functional import SpectralMethod, check_estimator_options, fisher_spectral_norm
-from fim_lightning.operator import OUTPUT_KINDS, OutputKind
+from fim_lightning.outputs import OUTPUT_KINDS, OutputKind
 from fim_lightning.reductions import Reduction, check_reduction, reduce_values
 from fim_lightning.validation import check_choice
 

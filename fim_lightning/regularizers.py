@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from fim_lightning import algorithms
 from fim_lightning.guard import ForwardPasses, Mode, active_dropout, preserved_state
-from fim_lightning.operator import OUTPUT_KINDS, FisherOperator, OutputKind, check_inputs, dual_weights, \
-    kl_divergence, log_probs_from_output
+from fim_lightning.operator import FisherOperator, dual_weights
+from fim_lightning.outputs import OUTPUT_KINDS, OutputKind, check_inputs, kl_divergence, log_probs_from_output
 from fim_lightning.sampling import rademacher, random_unit, unit
 from fim_lightning.validation import check_choice, check_int, check_real
 

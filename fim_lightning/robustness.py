@@ -42,7 +42,8 @@ from torch import Tensor
 from fim_lightning.functional import fisher_operator
 from fim_lightning.algorithms import NONFINITE_JACOBIAN
 from fim_lightning.guard import Mode
-from fim_lightning.operator import FisherOperator, OutputKind, check_inputs
+from fim_lightning.operator import FisherOperator
+from fim_lightning.outputs import OutputKind, check_inputs
 from fim_lightning.validation import check_choice, check_int, check_real
 
 Norm = Literal["l2", "linf"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fim_lightning.guard import preserved_state
-from fim_lightning.operator import kl_divergence
+from fim_lightning.outputs import kl_divergence
 from fim_lightning.validation import check_bool, check_choice, check_int, check_real
 
 Norm = Literal["linf", "l2"]

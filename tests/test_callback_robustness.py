@@ -135,7 +135,7 @@ def _exact_linear_attack(norm, radius):
     """The optimal attack on a linear model: the closed-form nearest boundary point, pushed just past it,
     scaled back into the eps-ball."""
     def attack(model, x, y):
-        w, b = model.weight.detach(), model.bias.detach()
+        w = model.weight.detach()
         z = model(x)
         out = x.clone()
         for i in range(len(x)):

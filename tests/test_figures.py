@@ -1,7 +1,6 @@
 """Figures by their content, and the two extension registries (figure writers, bound handlers)."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from pytorch_lightning.loggers import CSVLogger
