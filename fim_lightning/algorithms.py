@@ -191,7 +191,8 @@ def lanczos(
         betas[:, j] = kept_beta
         previous = ritz
         q_prev, beta_prev = q, kept_beta
-        q = torch.where(exhausted[:, None], torch.zeros_like(w), w / _per_sample(beta.clamp_min(torch.finfo(dtype).tiny), w))
+        step = w / _per_sample(beta.clamp_min(torch.finfo(dtype).tiny), w)
+        q = torch.where(exhausted[:, None], torch.zeros_like(w), step)
     vector = (s.to(x.dtype).unsqueeze(1) @ basis[:, : j + 1]).squeeze(1)
     return TopEigenpair(eigenvalue=op.nan_invalid(ritz), eigenvector=op.nan_invalid(unit(vector.view(x.shape))),
                         residual=op.nan_invalid(residual), steps=j + 1)
@@ -289,7 +290,8 @@ def gram_sketch(
                         residual=None, steps=num_probes)
 
 
-def exact_trace(op: FisherOperator, *, chunk_size: Optional[int] = None, dtype: torch.dtype = torch.float64) -> TraceEstimate:
+def exact_trace(op: FisherOperator, *, chunk_size: Optional[int] = None,
+                dtype: torch.dtype = torch.float64) -> TraceEstimate:
     """tr F = |A|_F^2 = sum_y p_y |grad log p_y|^2 from C - 1 VJPs."""
     rows = op.screen(op.factor(dual_weights(op.log_probs)[0], chunk_size), NONFINITE_JACOBIAN)
     value = op.nan_invalid(rows.flatten(1).to(dtype).square().sum(1))

@@ -627,7 +627,9 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
     def logged_key(self, key: str, stage: str) -> str:
         """The key a statistic is logged under: `{prefix}/...` while fitting, `{prefix}/{stage}/...` in a
         standalone validate or test, so those points can be told apart from the training curve."""
-        return key if stage == TrainerFn.FITTING.value else f"{self.prefix}/{stage}/{key.removeprefix(self.prefix + '/')}"
+        if stage == TrainerFn.FITTING.value:
+            return key
+        return f"{self.prefix}/{stage}/{key.removeprefix(self.prefix + '/')}"
 
     def _write_figures(self, trainer: pl.Trainer, event: str) -> None:
         """Figures of the latest evaluation through each logger's writer (`writers`), on global rank 0 only."""
@@ -690,7 +692,8 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         """Every rank's rows back in probe-set order: probe i was scored by rank i % world at row i // world."""
         if world == 1:
             return local.cpu()
-        padded = torch.full((math.ceil(total / world), local.shape[1]), math.nan, dtype=local.dtype, device=local.device)
+        padded = torch.full((math.ceil(total / world), local.shape[1]), math.nan, dtype=local.dtype,
+                            device=local.device)
         padded[: len(local)] = local
         gathered = trainer.strategy.all_gather(padded)
         return gathered.transpose(0, 1).reshape(-1, local.shape[1])[:total].cpu()

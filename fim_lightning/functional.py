@@ -2,8 +2,9 @@
 
 Common keyword options: `output` ("logits" | "probs" | "log_probs"), `mode` (None = eval with a warning for a
 model in train mode, "eval", "train": BatchNorm with the statistics of the batch held fixed, see `guard`; a
-model with active dropout is refused in train mode, as a random mask has no per-sample Fisher), `model_dtype` (e.g. torch.float64 for saturated softmax; parameters
-are cast on the fly), `dtype` of the small dense algebra (float64). Method options are listed in `METHODS`.
+model with active dropout is refused in train mode, as a random mask has no per-sample Fisher), `model_dtype`
+(e.g. torch.float64 for saturated softmax; parameters are cast on the fly), `dtype` of the small dense algebra
+(float64). Method options are listed in `METHODS`.
 """
 from __future__ import annotations
 

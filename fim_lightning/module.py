@@ -97,7 +97,8 @@ class FisherRegularizedSteps:
         super().__init__(net, num_classes, optimizer, scheduler)
         for name, value in (("penalty", penalty), ("adversarial", adversarial)):
             if value is not None and not isinstance(value, nn.Module):
-                raise TypeError(f"{name} must be an nn.Module (a penalty or attack) or None, got {type(value).__name__}")
+                raise TypeError(f"{name} must be an nn.Module (a penalty or attack) or None, got "
+                                f"{type(value).__name__}")
         self.penalty = penalty
         self.adversarial = adversarial
 

@@ -63,7 +63,8 @@ def dual_weights(log_probs: Tensor, top_k: Optional[int] = None) -> tuple[Tensor
 
 
 def functional_forward(model: Callable, dtype: torch.dtype, differentiable: bool) -> Callable[[Tensor], object]:
-    """x -> model(x) with parameters detached (unless `differentiable`) and cast to `dtype`, without touching the model."""
+    """x -> model(x) with parameters detached (unless `differentiable`) and cast to `dtype`, without touching the
+    model."""
     if not isinstance(model, nn.Module):
         return model
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}

@@ -104,7 +104,8 @@ def check_output_values(scores: Tensor, output: OutputKind, warn: bool = True) -
         total = valid.logsumexp(-1)
         if not torch.allclose(total, torch.zeros_like(total), atol=_NORMALISATION_TOL):
             raise ValueError(
-                "output='log_probs' but logsumexp of the rows is not 0; pass output='logits' if the model returns logits"
+                "output='log_probs' but logsumexp of the rows is not 0; pass output='logits' if the model returns "
+                "logits"
             )
     if output == "logits" and looks_like_probabilities(valid):
         warnings.warn(

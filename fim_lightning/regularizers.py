@@ -140,7 +140,8 @@ class FisherTracePenalty(FisherPenalty):
 
     def per_sample(self, model, inputs, logits, passes):
         op = self._operator(model, inputs, passes)
-        return sum(_quadratic_form(op, rademacher(inputs.shape, inputs, self.generator)) for _ in range(self.num_probes)) / self.num_probes
+        forms = [_quadratic_form(op, rademacher(inputs.shape, inputs, self.generator)) for _ in range(self.num_probes)]
+        return sum(forms) / self.num_probes
 
 
 class FisherSpectralPenalty(FisherPenalty):
@@ -162,7 +163,8 @@ class FisherSpectralPenalty(FisherPenalty):
             if self.eigenvector == "exact":
                 v = algorithms.exact_dual(search).eigenvector
             else:
-                v = algorithms.power_iteration(search, max_iter=self.steps, tol=0.0, generator=self.generator).eigenvector
+                v = algorithms.power_iteration(search, max_iter=self.steps, tol=0.0,
+                                               generator=self.generator).eigenvector
         return _quadratic_form(differentiable, v)
 
 
