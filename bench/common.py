@@ -23,8 +23,17 @@ def data_dir() -> Path:
 def autoattack_robust(net: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float,
                       version: str = "custom", seed: int = 0) -> np.ndarray:
     """(N,) robust under AutoAttack (the reference `pyautoattack`): APGD-CE + APGD-T with the standard version's
-    settings (100 iterations, one restart, 9 target classes), or `version="standard"` (with FAB-T and Square)."""
+    settings (100 iterations, one restart, 9 target classes), or `version="standard"` (with FAB-T and Square).
+    AutoAttack reseeds the global torch RNG (`torch.manual_seed(seed)` in each attack): run inside a fork, so a
+    training run that is evaluated with it draws the same batches as one that is not."""
     from pyautoattack import AutoAttack
+
+    with torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else []):
+        return _autoattack(AutoAttack, net, x, y, norm, eps, version, seed)
+
+
+def _autoattack(AutoAttack, net: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float, version: str,
+                seed: int) -> np.ndarray:
 
     options = {"attacks": ["apgd-ce", "apgd-t"]} if version == "custom" else {}
     attack = AutoAttack(net, norm={"l2": "L2", "linf": "Linf"}[norm], eps=eps, version=version, seed=seed,

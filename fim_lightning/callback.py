@@ -14,6 +14,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics.utilities.distributed import gather_all_tensors
 from typing_extensions import override
 
 from fim_lightning import writers
@@ -499,7 +500,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         share = self._probe_inputs[rank::world]
         share_labels = self._probe_labels[rank::world] if self._probe_labels is not None else None
         local, vectors, predictions = self._score_share(share, pl_module, share_labels)
-        values = self._gather(trainer, local, len(self._probe_inputs), world)
+        values = self._gather(local, len(self._probe_inputs), world)
         stats = {}
         for column, name in enumerate(_SCORES):
             stats.update(summarize(values[:, column], f"{self.prefix}/{name}"))
@@ -569,7 +570,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             if mine:
                 outcomes[:mine, column] = self._attack_outcome(model, attack, x, y, norm, radius).to(torch.float64)
         seconds = time.perf_counter() - start
-        measured = self._gather(trainer, outcomes, len(self._probe_inputs), world)[:count]
+        measured = self._gather(outcomes, len(self._probe_inputs), world)[:count]
         correct = values[:count, _CORRECT] > 0.5
         stats = {f"{self.prefix}/attack/seconds": seconds}
         for column, (norm, radius) in enumerate(self.attacks):
@@ -688,15 +689,15 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         return local.to(pl_module.device), torch.cat(vectors), torch.cat(predictions)
 
     @staticmethod
-    def _gather(trainer: pl.Trainer, local: Tensor, total: int, world: int) -> Tensor:
-        """Every rank's rows back in probe-set order: probe i was scored by rank i % world at row i // world."""
+    def _gather(local: Tensor, total: int, world: int) -> Tensor:
+        """Every rank's rows back in probe-set order (probe i was scored by rank i % world, at row i // world),
+        through torchmetrics' `gather_all_tensors`, which takes shares of unequal length."""
         if world == 1:
             return local.cpu()
-        padded = torch.full((math.ceil(total / world), local.shape[1]), math.nan, dtype=local.dtype,
-                            device=local.device)
-        padded[: len(local)] = local
-        gathered = trainer.strategy.all_gather(padded)
-        return gathered.transpose(0, 1).reshape(-1, local.shape[1])[:total].cpu()
+        values = local.new_full((total, local.shape[1]), math.nan)
+        for rank, rows in enumerate(gather_all_tensors(local)):
+            values[rank::world] = rows[: len(range(rank, total, world))]
+        return values.cpu()
 
     def _curve_keys(self) -> list[str]:
         return [f"{self.prefix}/spectral_norm/{key}" for key in SUMMARY]
