@@ -174,6 +174,8 @@ def _wandb_records(path):
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if pos + 7 + length > len(raw):  # a chunk the service is still writing: read again later
+            break
         chunks, pos = chunks + raw[pos + 7:pos + 7 + length], pos + 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
             record = wandb_internal_pb2.Record()
