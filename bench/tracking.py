@@ -19,6 +19,7 @@ AutoAttack at the checkpoints each signal selects (`--standard`).
     python bench/tracking.py --data cifar10 --regime fgsm --seed 0       # one job (resumes)
     python bench/tracking.py --data cifar10 --report                     # the report from the rows so far
     python bench/tracking.py --data cifar10 --regime fgsm --cost 8       # the estimate's cost against PGD-20
+                                                                         # (on that job's weights of epoch 8)
 
 Regimes (fixed before the estimate's errors were looked at, `--calibrate`): `plain`; `pgd_at` (PGD L-inf 10
 steps of eps / 4 from a random start); `trades` (beta 6); `fgsm` (FGSM without random start, one step of size
@@ -29,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -184,8 +187,35 @@ def prepared(data: str, train: int) -> pl.LightningDataModule:
 
 
 def load_rows(data: str) -> list[dict]:
+    """The rows of `data`; a row written before `train_eps` was recorded ran at the data set's `TRAIN_EPS`."""
     path = RESULTS / f"{data}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [{"train_eps": TRAIN_EPS[row["data"]], **row} for row in rows]
+
+
+def weights_folder(data: str, name: str, seed: int, epochs: int, train: int, train_eps: float) -> Path:
+    """Where a job keeps its weights per epoch and its last.ckpt (a radius other than `TRAIN_EPS` is named, to
+    the 4 digits it is printed with)."""
+    suffix = "" if math.isclose(train_eps, TRAIN_EPS[data], rel_tol=1e-3) else f"_r{train_eps:.4g}"
+    return RESULTS / "weights" / f"{data}_{name}_s{seed}_e{epochs}_t{train}{suffix}"
+
+
+def _fit(data: str, name: str, seed: int, epochs: int, train: int, probes: int, train_eps: float,
+         callbacks: Callable[[torch.Tensor, torch.Tensor], list], ckpt_path: str | None = None) -> None:
+    """Train the SmallCNN in regime `name` from `seed`, with the callbacks made for the first `probes` test
+    images; Lightning's own checkpointing only where a callback asks for it."""
+    pl.seed_everything(seed, workers=True)
+    datamodule = prepared(data, train)
+    x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
+    module = FisherRegularizedClassifier(SmallCNN(datamodule.in_channels, 10), 10, optimizer=OPTIMIZER,
+                                         scheduler=cosine(epochs), **regime(name, data, train_eps))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    made = callbacks(x, y)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
+                         enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in made),
+                         callbacks=made)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
 
 def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int,
@@ -194,48 +224,31 @@ def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: in
     job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
            "aa_probes": aa_probes, "train_eps": train_eps, "machine": machine()}
     if calibrate:
-        pl.seed_everything(seed, workers=True)
-        datamodule = prepared(data, train)
-        x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
-        module = FisherRegularizedClassifier(SmallCNN(datamodule.in_channels, 10), 10, optimizer=OPTIMIZER,
-                                             scheduler=cosine(epochs), **regime(name, data, train_eps))
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                             deterministic=True, enable_checkpointing=False,
-                             callbacks=[CalibrationEvaluation(job, x, y, train_eps)])
-        trainer.fit(module, datamodule=datamodule)
+        _fit(data, name, seed, epochs, train, probes, train_eps,
+             lambda x, y: [CalibrationEvaluation(job, x, y, train_eps)])
         return
     key = {k: job[k] for k in ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps")}
-    done = {row["epoch"] for row in load_rows(data)
-            if {k: row.get(k, TRAIN_EPS[data] if k == "train_eps" else None) for k in key} == key}
+    done = {row["epoch"] for row in load_rows(data) if {k: row.get(k) for k in key} == key}
     if len(done) >= epochs:
         print(f"{name} seed {seed}: all {epochs} epochs evaluated")
         return
-    suffix = "" if train_eps == TRAIN_EPS[data] else f"_r{train_eps:.4g}"
-    folder = RESULTS / "weights" / f"{data}_{name}_s{seed}_e{epochs}_t{train}{suffix}"
+    folder = weights_folder(data, name, seed, epochs, train, train_eps)
     folder.mkdir(parents=True, exist_ok=True)
-    pl.seed_everything(seed, workers=True)
-    datamodule = prepared(data, train)
-    x, y = datamodule.splits["test"].tensors
-    module = FisherRegularizedClassifier(SmallCNN(datamodule.in_channels, 10), 10, optimizer=OPTIMIZER,
-                                         scheduler=cosine(epochs), **regime(name, data, train_eps))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    evaluation = EpochEvaluation(job, x[:probes], y[:probes], aa_probes, RESULTS / f"{data}.jsonl", folder)
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
-                         callbacks=[evaluation, checkpoint])
     last = folder / "last.ckpt"
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() and done else None)
+    _fit(data, name, seed, epochs, train, probes, train_eps,
+         lambda x, y: [EpochEvaluation(job, x, y, aa_probes, RESULTS / f"{data}.jsonl", folder),
+                       pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0)],
+         ckpt_path=str(last) if last.exists() and done else None)
 
 
-def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, epoch: int) -> str:
+def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, epoch: int,
+         train_eps: float | None = None) -> str:
     """The estimate's cost against PGD-20 at every radius, in one process, on a saved epoch's weights."""
+    train_eps = default_train_eps(data, name) if train_eps is None else train_eps
     datamodule = prepared(data, train)
     x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
     net = SmallCNN(datamodule.in_channels, 10)
-    folder = RESULTS / "weights" / f"{data}_{name}_s{seed}_e{epochs}_t{train}"
+    folder = weights_folder(data, name, seed, epochs, train, train_eps)
     net.load_state_dict(torch.load(folder / f"epoch{epoch}.pt"))
     net.eval()
     start = time.perf_counter()
@@ -280,7 +293,8 @@ def main() -> None:
         print(text)
         return
     if args.cost is not None:
-        print(cost(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.cost))
+        print(cost(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.cost,
+                   args.train_eps))
         return
     if args.sweep:
         for data, name, seed in SWEEP:

@@ -18,9 +18,6 @@ IN_RANGE = (0.05, 0.95)
 COLLAPSE = 0.5  # the callback's default collapse_drop
 
 
-TRAIN_EPS = {"cifar10": 8 / 255, "fashion_mnist": 0.1}  # the radius of rows written before train_eps was recorded
-
-
 def _runs(rows: list[dict]) -> dict[tuple, list[dict]]:
     """Rows by (regime with its training radius, seed, epochs, train, probes), each run's epochs once (the last
     row of a repeated epoch)."""
@@ -28,7 +25,7 @@ def _runs(rows: list[dict]) -> dict[tuple, list[dict]]:
     for row in rows:
         regime = row["regime"]
         if regime in ("pgd_at", "fgsm"):
-            regime += f" {row.get('train_eps', TRAIN_EPS[row['data']]):.4g}"
+            regime += f" {row['train_eps']:.4g}"
         key = (regime, row["seed"], row["epochs"], row["train"], row["probes"])
         runs.setdefault(key, {})[row["epoch"]] = row
     return {key: [epochs[e] for e in sorted(epochs)] for key, epochs in runs.items()}

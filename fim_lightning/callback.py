@@ -504,7 +504,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         stats = {}
         for column, name in enumerate(_SCORES):
             stats.update(summarize(values[:, column], f"{self.prefix}/{name}"))
-        if "top_k" in self.estimator_options:
+        if self._merges_classes:
             stats.update(summarize(values[:, -1], f"{self.prefix}/neglected_mass"))
             values = values[:, :-1]
         stats.update(self._robustness_statistics(values))
@@ -547,7 +547,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             best = max((record[key] for record in self.history if record.get("stage") == "fit" and key in record),
                        default=math.nan)
             name = key.removeprefix(self.prefix + "/robust_accuracy/")
-            drops[f"{self.prefix}/robust_drop/{name}"] = 0.0 if not best > stats[key] else best - stats[key]
+            drops[f"{self.prefix}/robust_drop/{name}"] = best - stats[key] if best > stats[key] else 0.0  # NaN best: 0
             if best >= 0.05 and stats[key] < (1 - self.collapse_drop) * best:
                 fired.append(f"{name}: {stats[key]:.3f} after {best:.3f}")
         if fired:
@@ -621,6 +621,11 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             stats.update({eps_key(self.prefix, norm, radius): share for radius, share in zip(radii, shares.tolist())})
         return stats
 
+    @property
+    def _merges_classes(self) -> bool:
+        """`top_k` is set: a last column holds each probe's merged probability (`{prefix}/neglected_mass`)."""
+        return "top_k" in self.estimator_options
+
     def _distance_column(self, norm: str) -> int:
         """The column of `norm`'s estimated distance in the scored values (after the scores and `_CORRECT`)."""
         return _CORRECT + 1 + list(self.eps).index(norm)
@@ -672,7 +677,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
                                              line_steps=self.line_steps, bounds=self.input_bounds)
                 correct = scores.prediction == labels[start: start + self.batch_size].to(scores.prediction.device)
                 column += [correct.to(torch.float64), *(distances[norm] for norm in self.eps)]
-            if "top_k" in self.estimator_options:
+            if self._merges_classes:
                 merged = scores.neglected_mass  # None where top_k keeps every class
                 column.append(torch.zeros_like(scores.spectral_norm) if merged is None else merged)
             columns.append(torch.stack([c.to(torch.float64) for c in column], dim=1))
@@ -681,8 +686,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             predictions.append(scores.prediction[:wanted].cpu())
         if generator is not None:
             self._generator_state = generator.get_state()
-        width = (_CORRECT + 1 + len(self.eps) if labels is not None else len(_SCORES)) + (
-            "top_k" in self.estimator_options)
+        width = len(_SCORES) + (1 + len(self.eps) if labels is not None else 0) + self._merges_classes
         local = torch.cat(columns) if columns else torch.zeros(0, width, dtype=torch.float64)
         if not vectors:
             return local.to(pl_module.device), torch.zeros(0), torch.zeros(0, dtype=torch.long)

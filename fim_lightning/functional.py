@@ -306,14 +306,16 @@ class FisherScores:
 
 
 def _trace(op: FisherOperator, pair: algorithms.TopEigenpair, dtype: torch.dtype,
-            options: dict) -> algorithms.TraceEstimate:
-    """tr F beside `pair`: its own where the method computed it, exact for C <= AUTO_EXACT_CLASSES, else sampled."""
+           options: dict) -> tuple[Tensor, Optional[Tensor]]:
+    """tr F beside `pair` and its standard error (None where exact): the method's own where it computed it,
+    exact for C <= AUTO_EXACT_CLASSES, else sampled."""
     if pair.trace is not None:
-        return algorithms.TraceEstimate(pair.trace, torch.zeros_like(pair.trace))
+        return pair.trace, None
     if op.log_probs.shape[1] <= algorithms.AUTO_EXACT_CLASSES:
-        return algorithms.exact_trace(op, dtype=dtype)
-    return algorithms.sampled_trace(op, generator=options.get("generator"), chunk_size=options.get("chunk_size"),
-                                    dtype=dtype)
+        return algorithms.exact_trace(op, dtype=dtype).value, None
+    sampled = algorithms.sampled_trace(op, generator=options.get("generator"), chunk_size=options.get("chunk_size"),
+                                       dtype=dtype)
+    return sampled.value, sampled.stderr
 
 
 def fisher_scores(
@@ -334,11 +336,11 @@ def fisher_scores(
     check_dtype("dtype", dtype)
     with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
         pair = algorithm(op, dtype=dtype, **options)
-        trace = _trace(op, pair, dtype, options)
+        trace, trace_stderr = _trace(op, pair, dtype, options)
         margin = op.nan_invalid(_margin(op))
         return FisherScores(
             spectral_norm=pair.eigenvalue,
-            trace=trace.value,
+            trace=trace,
             radius=_margin_over_sqrt(op, pair.eigenvalue),
             fisher_step=_fisher_step(op, pair.eigenvalue),
             eigenvector=pair.eigenvector.detach(),
@@ -346,5 +348,5 @@ def fisher_scores(
             margin=margin,
             margin_gradient_norm=_margin_gradient_norm(op) if margin_gradient else None,
             neglected_mass=pair.neglected_mass,
-            trace_stderr=trace.stderr if pair.trace is None and trace.stderr.any() else None,
+            trace_stderr=trace_stderr,
         )

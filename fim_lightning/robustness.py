@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from fim_lightning.functional import fisher_operator
-from fim_lightning.algorithms import NONFINITE_JACOBIAN
+from fim_lightning.algorithms import AUTO_EXACT_CLASSES, NONFINITE_JACOBIAN
 from fim_lightning.guard import Mode
 from fim_lightning.operator import FisherOperator
 from fim_lightning.outputs import OutputKind, check_inputs
@@ -88,7 +88,7 @@ class MarginGradients:
     gradients: Tensor
 
 
-MANY_CLASSES, DEFAULT_CANDIDATES = 64, 32
+DEFAULT_CANDIDATES = 32  # the other classes considered above AUTO_EXACT_CLASSES, where C - 1 VJPs are too many
 
 
 def margin_gradients(op: FisherOperator, chunk_size: Optional[int] = None,
@@ -98,7 +98,7 @@ def margin_gradients(op: FisherOperator, chunk_size: Optional[int] = None,
     log_probs = op.log_probs
     classes = log_probs.shape[1]
     if candidates is None:
-        candidates = classes - 1 if classes <= MANY_CLASSES else DEFAULT_CANDIDATES
+        candidates = classes - 1 if classes <= AUTO_EXACT_CLASSES else DEFAULT_CANDIDATES
     ranked = log_probs.argsort(dim=1, descending=True)
     top, others = ranked[:, 0], ranked[:, 1:1 + candidates]
     margins = log_probs.gather(1, top[:, None]) - log_probs.gather(1, others)  # z_t - z_k, exact in float64
