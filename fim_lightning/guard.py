@@ -137,11 +137,15 @@ class ForwardPasses:
 EVAL_PASSES = ForwardPasses([], [], train=False)
 
 
+# torch 2.9 and later set float32 precision per operator (`fp32_precision`); earlier, the legacy `allow_tf32` flags
+# and the matmul precision
+_PER_OPERATOR_PRECISION = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
 def _precision_settings() -> list:
-    """The float32 precision flags of torch's backends: the per-operator `fp32_precision` settings where torch
-    has them (2.9 and later), else the legacy `allow_tf32` flags and the matmul precision."""
+    """(owner, attribute, IEEE value) of every float32 precision flag of torch's backends."""
     backends = torch.backends
-    if hasattr(backends.cuda.matmul, "fp32_precision"):
+    if _PER_OPERATOR_PRECISION:
         owners = [backends.cuda.matmul, backends.cudnn.conv, backends.cudnn.rnn, backends.mkldnn.matmul,
                   backends.mkldnn.conv, getattr(backends.mkldnn, "rnn", None)]
         return [(owner, "fp32_precision", "ieee") for owner in owners if owner is not None]
@@ -155,19 +159,18 @@ def ieee_float32() -> Iterator[None]:
     caller's settings are restored exactly after. The new per-operator API is used alone where torch has it:
     setting the legacy flags beside it would leave torch unable to read them back."""
     settings = _precision_settings()
-    legacy = not hasattr(torch.backends.cuda.matmul, "fp32_precision")
     saved = [getattr(owner, name) for owner, name, _ in settings]
-    matmul = torch.get_float32_matmul_precision() if legacy else None
+    matmul = None if _PER_OPERATOR_PRECISION else torch.get_float32_matmul_precision()
     try:
         for owner, name, value in settings:
             setattr(owner, name, value)
-        if legacy:
+        if matmul is not None:
             torch.set_float32_matmul_precision("highest")
         yield
     finally:
         for (owner, name, _), value in zip(settings, saved):
             setattr(owner, name, value)
-        if legacy:
+        if matmul is not None:
             torch.set_float32_matmul_precision(matmul)
 
 
