@@ -73,13 +73,20 @@ def resnet18_32(classes: int = 10) -> nn.Module:
     return torchvision.models.resnet18(num_classes=classes)
 
 
-def timed(fn, repeats: int = 3):
-    """(result of the last call, median seconds over `repeats` calls after one warm-up call)."""
+def timed(fn, repeats: int = 3, device: torch.device | None = None):
+    """(result of the last call, median seconds over `repeats` calls after one warm-up call); on a CUDA
+    `device` each call is timed between synchronisations, so its queued kernels count."""
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     result = fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         result = fn()
+        sync()
         times.append(time.perf_counter() - start)
     return result, statistics.median(times)
 

@@ -38,25 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import fim_lightning as fl  # noqa: E402
 from fim_lightning import guard  # noqa: E402
+from bench.common import timed  # noqa: E402
 from recipes.common import machine  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(function, device: torch.device, repeats: int = 1):
-    """(result, best seconds of `repeats`) after one warm-up call."""
-    result = function()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        result = function()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return result, best
 
 
 @contextlib.contextmanager
@@ -139,7 +122,7 @@ def _floor(net, x: torch.Tensor, vjps: int, jvps: int, device: torch.device) -> 
         if jvps:
             tangents = torch.randn(jvps, *x.shape, device=device)
             torch.func.vmap(lambda t: torch.func.jvp(net, (x,), (t,))[1], chunk_size=min(jvps, 32))(tangents)
-    return _timed(run, device)[1]
+    return timed(run, repeats=1, device=device)[1]
 
 
 def throughput(device: torch.device, cpu: bool) -> dict:
@@ -153,7 +136,7 @@ def throughput(device: torch.device, cpu: bool) -> dict:
     for name, method, options in (("auto (default)", "auto", {}),
                                   ("exact top_k=20", "exact", {"top_k": 20, "max_neglected_mass": 1.0}),
                                   ("lanczos", "lanczos", {})):
-        pair, seconds = _timed(lambda: fl.fisher_top_eigenpair(net, x, method, **options), device)
+        pair, seconds = timed(lambda: fl.fisher_top_eigenpair(net, x, method, **options), repeats=1, device=device)
         if method == "exact":
             floor = _floor(net, x, pair.steps, 0, device)
         else:  # Lanczos: one JVP and one VJP per step
