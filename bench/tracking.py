@@ -235,9 +235,12 @@ def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: in
     folder = weights_folder(data, name, seed, epochs, train, train_eps)
     folder.mkdir(parents=True, exist_ok=True)
     last = folder / "last.ckpt"
+    # save_top_k=1: Lightning writes last.ckpt only in a step that saved a top-k checkpoint (save_top_k=0 never
+    # wrote one, so the first jobs restarted from epoch 0). The resumed run's batch order is not the uninterrupted
+    # one: Lightning does not keep the sampler's RNG in a checkpoint.
     _fit(data, name, seed, epochs, train, probes, train_eps,
          lambda x, y: [EpochEvaluation(job, x, y, aa_probes, RESULTS / f"{data}.jsonl", folder),
-                       pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0)],
+                       pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=1)],
          ckpt_path=str(last) if last.exists() and done else None)
 
 
