@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import fim_lightning as fl  # noqa: E402
-from fim_lightning.robustness import robust_distances  # noqa: E402
+from fim_lightning.functional import robust_distances  # noqa: E402
 from recipes.common import machine  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

@@ -2,7 +2,7 @@
 
 One job trains the recipes' SmallCNN in one regime with one seed and evaluates, after every epoch, the same
 held-out probes (the first `--probes` test images):
-- the estimate the callback logs (`fim_lightning.robustness.robust_distances`, the function behind
+- the estimate the callback logs (`fim_lightning.functional.robust_distances`, the function behind
   `{prefix}/robust_accuracy/{norm}/{eps}`, with `input_bounds=(0, 1)`), its raw Fisher statistics
   (lambda_max median, radius median) and the cheap baselines: the gradient norm |grad (z1 - z2)| (median) and the
   linear step margin / |grad (z1 - z2)|_dual as a robust-accuracy estimate;
@@ -44,7 +44,7 @@ import fim_lightning as fl  # noqa: E402
 from bench.common import autoattack_robust, machine, quiet_lightning  # noqa: E402
 from bench.regularization_frontier import OPTIMIZER, cosine, data_module  # noqa: E402
 from fim_lightning.module import FisherRegularizedClassifier  # noqa: E402
-from fim_lightning.robustness import robust_distances  # noqa: E402
+from fim_lightning.functional import robust_distances  # noqa: E402
 from recipes import attacks  # noqa: E402
 from recipes.models import SmallCNN  # noqa: E402
 

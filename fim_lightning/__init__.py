@@ -10,6 +10,10 @@ from fim_lightning.blackbox import (
 from fim_lightning.bounds import SpectralBound, fisher_spectral_bound
 from fim_lightning.callback import FisherRobustnessCallback
 from fim_lightning.functional import (
+    EstimatorOptions,
+    OperatorOptions,
+    estimated_minimal_perturbation,
+    estimated_robust_accuracy,
     FisherScores,
     fisher_operator,
     fisher_robustness_radius,
@@ -30,7 +34,6 @@ from fim_lightning.regularizers import (
     FisherWorstDirectionPenalty,
 )
 from fim_lightning.operator import FisherOperator
-from fim_lightning.robustness import estimated_minimal_perturbation, estimated_robust_accuracy
 from fim_lightning.writers import FigureWriter, register_figure_writer
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "FisherWorstDirectionPenalty",
     "SpectralBound",
     "FisherScores",
+    "EstimatorOptions",
+    "OperatorOptions",
     "TopEigenpair",
     "TraceEstimate",
     "blackbox_fisher",

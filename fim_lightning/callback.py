@@ -6,7 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -23,7 +23,7 @@ from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_op
 from fim_lightning.guard import forked_rng, preserved_state
 from fim_lightning.outputs import OUTPUT_KINDS, OutputKind, as_class_scores
 from fim_lightning.reductions import SUMMARY, summarize
-from fim_lightning.robustness import NORMS, check_bounds, check_eps, robust_accuracy, robust_distances
+from fim_lightning.robustness import NORMS, check_bounds, check_eps, robust_accuracy
 from fim_lightning.validation import check_bool, check_choice, check_int, check_real, check_str
 
 _SCORES = ("spectral_norm", "trace", "radius")
@@ -82,6 +82,17 @@ def _run_name(trainer: pl.Trainer) -> str:
     if logger is not None and logger.name:
         return f"{logger.name} {logger.version}" if logger.version is not None else str(logger.name)
     return str(trainer.default_root_dir)
+
+
+class _Scored(NamedTuple):
+    """One evaluation: the statistics, the gathered per-probe values (probe-set order), this rank's first
+    eigenvectors with their predicted classes, and this rank's share of the probe inputs."""
+
+    stats: dict[str, float]
+    values: Tensor
+    vectors: Tensor
+    predictions: Tensor
+    share: Tensor
 
 
 class FisherRobustnessCallback(*CALLBACK_BASES):
@@ -492,9 +503,21 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             self._last_step = trainer.global_step
             self.score(trainer, pl_module)
 
-    # -- scoring ------------------------------------------------------------------------------------
+    # -- scoring: compute, log, draw ------------------------------------------------------------------
     def score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Score the probe set now, log the summaries and return them."""
+        scored = self._compute(trainer, pl_module)
+        self._log(trainer, scored.stats)
+        self._latest = self._snapshot(trainer, scored)
+        self._write_figures(trainer, "on_score")
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._write_figures(trainer, "on_end")
+        return scored.stats
+
+    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _Scored:
+        """This rank's share of the probes scored, every rank's values gathered, and the statistics: the
+        summaries, the robust accuracy, the alarm while fitting and, every `attack_every_n` evaluations, the
+        attacks."""
         self._ensure_probe_set(trainer, pl_module)
         world, rank = trainer.world_size, trainer.global_rank
         share = self._probe_inputs[rank::world]
@@ -513,27 +536,30 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         if self.attacks and share_labels is not None and self._evaluations % self.attack_every_n == 0:
             stats.update(self._calibrate(trainer, pl_module, share, share_labels, values))
         self._evaluations += 1
+        return _Scored(stats, values, vectors, predictions, share)
+
+    def _log(self, trainer: pl.Trainer, stats: dict[str, float]) -> None:
+        """The statistics into the history, every logger (against the global step) and `callback_metrics`."""
         stage = trainer.state.fn.value
-        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": stage, **stats}
-        self.history.append(record)
+        self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": stage, **stats})
         logged = {self.logged_key(key, stage): value for key, value in stats.items()}
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in logged.items()})
-        shown = values[::world][: len(vectors)]  # this rank's first probes, in probe-set order
-        self._latest = writers.Snapshot(
-            prefix=self.prefix, step=trainer.global_step, spectral_norm=values[:, 0], eigenvectors=vectors,
+
+    def _snapshot(self, trainer: pl.Trainer, scored: _Scored) -> writers.Snapshot:
+        """What the figure writers draw of this evaluation."""
+        stats, vectors = scored.stats, scored.vectors
+        shown = scored.values[::trainer.world_size][: len(vectors)]  # this rank's first probes, in probe-set order
+        return writers.Snapshot(
+            prefix=self.prefix, step=trainer.global_step, spectral_norm=scored.values[:, 0], eigenvectors=vectors,
             eigenvalues=shown[:, 0], history=list(self.history), curve_keys=self._curve_keys(),
-            inputs=share[: len(vectors)].cpu(), radii=shown[:, 2], predictions=predictions,
+            inputs=scored.share[: len(vectors)].cpu(), radii=shown[:, 2], predictions=scored.predictions,
             run=_run_name(trainer),
             robust_accuracy={norm: [(radius, stats[eps_key(self.prefix, norm, radius)]) for radius in radii]
                              for norm, radii in self.eps.items() if eps_key(self.prefix, norm, radii[0]) in stats},
             robust_keys=[key for key in stats if key.startswith(f"{self.prefix}/robust_accuracy/")],
         )
-        self._write_figures(trainer, "on_score")
-        if trainer.state.fn != TrainerFn.FITTING:
-            self._write_figures(trainer, "on_end")
-        return stats
 
     def _collapse_alarm(self, trainer: pl.Trainer, stats: dict[str, float]) -> dict[str, float]:
         """`{prefix}/alarm/robust_collapse` against the best of each robust-accuracy key over the training curve,
@@ -670,13 +696,13 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         for start in range(0, len(share), self.batch_size):
             chunk = share[start: start + self.batch_size].to(pl_module.device)
             model = self._scored_model(pl_module)
-            scores = fisher_scores(model, chunk, self.method, output=self.output, mode="eval", **options)
+            scores = fisher_scores(model, chunk, self.method, output=self.output, mode="eval",
+                                   norms=tuple(self.eps) if labels is not None else (), line_steps=self.line_steps,
+                                   bounds=self.input_bounds, **options)
             column = [scores.spectral_norm, scores.trace, scores.radius]
             if labels is not None:
-                distances = robust_distances(model, chunk, tuple(self.eps), output=self.output, mode="eval",
-                                             line_steps=self.line_steps, bounds=self.input_bounds)
                 correct = scores.prediction == labels[start: start + self.batch_size].to(scores.prediction.device)
-                column += [correct.to(torch.float64), *(distances[norm] for norm in self.eps)]
+                column += [correct.to(torch.float64), *(scores.distances[norm] for norm in self.eps)]
             if self._merges_classes:
                 merged = scores.neglected_mass  # None where top_k keeps every class
                 column.append(torch.zeros_like(scores.spectral_norm) if merged is None else merged)

@@ -1,4 +1,6 @@
-"""Attack-free estimates of the minimal perturbation and of robust accuracy, from the same VJPs as the Fisher.
+"""Attack-free estimates of the minimal perturbation and of robust accuracy on a `FisherOperator`, from the same
+VJPs as the Fisher (the public functions, `estimated_minimal_perturbation`, `estimated_robust_accuracy` and
+`robust_distances`, are projections in `functional`).
 
 For the predicted class t and every other class k, with the margin m_k = z_t - z_k and g_k = grad_x m_k, the
 first-order distance to the boundary between t and k in the norm |.|_p is m_k / |g_k|_q, with q the dual
@@ -34,17 +36,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from fim_lightning.functional import fisher_operator
 from fim_lightning.algorithms import AUTO_EXACT_CLASSES, NONFINITE_JACOBIAN
-from fim_lightning.guard import Mode
 from fim_lightning.operator import FisherOperator
-from fim_lightning.outputs import OutputKind, check_inputs
-from fim_lightning.validation import check_choice, check_int, check_real
+from fim_lightning.validation import check_real
 
 Norm = Literal["l2", "linf"]
 NORMS = ("l2", "linf")
@@ -157,67 +156,6 @@ def minimal_perturbation(op: FisherOperator, norm: Norm, line_steps: int = 8, ch
     return Perturbation(op.nan_invalid(distance), direction.detach(), reached, crossed & ~op.invalid)
 
 
-def _distances(model: Callable, inputs: Tensor, norms: Sequence[Norm], *, line_steps: int = 8,
-               bounds: Optional[tuple[float, float]] = None, output: OutputKind = "logits",
-               mode: Optional[Mode] = None, model_dtype: Optional[torch.dtype] = None,
-               chunk_size: Optional[int] = None, candidates: Optional[int] = None) -> tuple[dict[str, Tensor], Tensor]:
-    """The estimated distance in each of `norms` (one forward pass and the C - 1 VJPs shared) and the
-    predicted classes: the one body of the public functions below."""
-    for norm in norms:
-        check_choice("norm", norm, NORMS)
-    check_int("line_steps", line_steps, 0)
-    check_int("chunk_size", chunk_size, 1, allow_none=True)
-    check_int("candidates", candidates, 1, allow_none=True)
-    bounds = check_bounds(bounds)
-    with fisher_operator(model, inputs, output=output, mode=mode, model_dtype=model_dtype) as op:
-        found = margin_gradients(op, chunk_size, candidates)
-        distances = {norm: minimal_perturbation(op, norm, line_steps, chunk_size, bounds, found).distance
-                     for norm in norms}
-        return distances, op.log_probs.argmax(1)
-
-
-def robust_distances(model: Callable, inputs: Tensor, norms: Sequence[Norm], **options) -> dict[str, Tensor]:
-    """`estimated_minimal_perturbation` in each of `norms`, sharing one forward pass and the C - 1 VJPs (the same
-    options)."""
-    return _distances(model, inputs, norms, **options)[0]
-
-
-def estimated_minimal_perturbation(
-    model: Callable,
-    inputs: Tensor,
-    norm: Norm = "l2",
-    *,
-    line_steps: int = 8,
-    bounds: Optional[tuple[float, float]] = None,
-    output: OutputKind = "logits",
-    mode: Optional[Mode] = None,
-    model_dtype: Optional[torch.dtype] = None,
-    chunk_size: Optional[int] = None,
-    candidates: Optional[int] = None,
-) -> Tensor:
-    """(B,) estimated distance in `norm` ("l2" or "linf", in the units the model takes) from each sample to the
-    boundary of its predicted class (module docstring): the first-order step, followed along its direction to the
-    class change with `line_steps` bisections (0: the first-order step alone), inside the box `bounds` (e.g.
-    (0, 1) for pixels, as attacks clip) when given; `candidates`: the other classes considered (default: all for
-    C <= 64, else the 32 most probable).
-
-    Example:
-        >>> import torch, fim_lightning as fl
-        >>> net = torch.nn.Linear(2, 3, bias=False)
-        >>> net.weight.data = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
-        >>> x = torch.tensor([[1.0, 0.2]])   # class 0; its boundary with class 1 is x_0 = x_1
-        >>> fl.estimated_minimal_perturbation(net, x, "l2")   # |x_0 - x_1| / sqrt(2)
-        tensor([0.5657], dtype=torch.float64)
-        >>> fl.estimated_minimal_perturbation(net, x, "linf")  # |x_0 - x_1| / 2
-        tensor([0.4000], dtype=torch.float64)
-    """
-    return _distances(model, inputs, (norm,), line_steps=line_steps, bounds=bounds, output=output, mode=mode,
-                      model_dtype=model_dtype, chunk_size=chunk_size, candidates=candidates)[0][norm]
-
-
-_OPTIONS = ("line_steps", "bounds", "output", "mode", "model_dtype", "chunk_size", "candidates")
-
-
 def check_bounds(bounds: object) -> Optional[tuple[float, float]]:
     if bounds is None:
         return None
@@ -244,36 +182,3 @@ def check_eps(eps: object) -> list[float]:
     if not isinstance(eps, Sequence) or isinstance(eps, str) or not eps:
         raise TypeError(f"eps must be a radius or a non-empty sequence of radii, got {eps!r}")
     return [check_real("eps", value, 0.0) for value in eps]
-
-
-def estimated_robust_accuracy(
-    model: Callable,
-    inputs: Tensor,
-    labels: Tensor,
-    eps: Sequence[float],
-    norm: Norm = "l2",
-    **options,
-) -> Tensor:
-    """(len(eps),) estimated share of samples classified correctly and keeping their class within the eps-ball
-    in `norm` (pixels as the model takes them), from `estimated_minimal_perturbation` (same options).
-
-    Example:
-        >>> import torch, fim_lightning as fl
-        >>> net = torch.nn.Linear(1, 2)
-        >>> net.weight.data, net.bias.data = torch.tensor([[1.0], [-1.0]]), torch.zeros(2)  # boundary x = 0
-        >>> x, y = torch.tensor([[-0.3], [0.1], [0.5]]), torch.tensor([0, 0, 0])
-        >>> fl.estimated_robust_accuracy(net, x, y, eps=[0.0, 0.2], norm="linf")
-        tensor([0.6667, 0.3333], dtype=torch.float64)
-    """
-    radii = check_eps(eps)
-    check_inputs(inputs)
-    if not isinstance(labels, Tensor) or labels.shape != inputs.shape[:1] or labels.is_floating_point():
-        raise ValueError(f"labels must be an integer tensor of shape ({inputs.shape[0]},), got "
-                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
-    unknown = set(options) - set(_OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; estimated_robust_accuracy takes "
-                        f"{', '.join(_OPTIONS)}")
-    distances, predicted = _distances(model, inputs, (norm,), **options)
-    correct = predicted == labels.to(predicted.device)
-    return robust_accuracy(distances[norm], correct & torch.isfinite(distances[norm]), radii)

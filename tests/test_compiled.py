@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fim_lightning as fl
-from fim_lightning.robustness import robust_distances
+from fim_lightning.functional import robust_distances
 from tests.conftest import make_cnn
 from tests.lightning_helpers import TinyClassifier, loaders, trainer
 
