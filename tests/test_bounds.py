@@ -154,3 +154,37 @@ def test_global_bound_rejects_attention_and_unknown_modules_raise():
 
     with pytest.raises(TypeError, match="does not reproduce"):
         fisher_spectral_bound(Doubled(nn.Linear(4, 2)), torch.randn(3, 4))
+
+
+def test_registry_keys_are_classes_or_qualified_names_and_an_overwrite_warns():
+    """A user's own class named like torchvision's `BasicBlock` (here: no shortcut) is not walked as one: the
+    string keys are qualified names. A bare name is refused, a second registration warns."""
+    from fim_lightning import bounds
+
+    class BasicBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1, self.relu = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU()
+            self.conv2, self.bn2, self.downsample = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), None
+
+        def forward(self, x):
+            return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+
+    model = nn.Sequential(BasicBlock(), nn.Flatten(), nn.Linear(32, 3)).eval()
+    with pytest.raises(TypeError, match="no bound is known for BasicBlock"):
+        fisher_spectral_bound(model, torch.rand(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="qualified class name"):
+        bounds.register_layer_bound("Normalize", lambda layer, shape: 1.0)
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        bounds.register_block_bound(int, lambda walk, name, module, x: None)
+    key = f"{__name__}.Unused"
+    bounds.register_layer_bound(key, lambda layer, shape: 1.0)
+    try:
+        with pytest.warns(UserWarning, match=f"layer bound for {key} is registered already: overwriting it"):
+            bounds.register_layer_bound(key, lambda layer, shape: 2.0)
+    finally:
+        del bounds.LAYER_BOUNDS[key]
+    import torchvision
+
+    resnet = torchvision.models.resnet18(num_classes=3).eval()
+    assert bounds.BLOCK_BOUNDS.lookup(resnet.layer1[0]) is bounds.BLOCK_BOUNDS["torchvision.models.resnet.BasicBlock"]
