@@ -30,7 +30,7 @@ class FisherSpectralNorm(Metric):
         output: what the model returns: "logits", "probs" or "log_probs".
         estimator_options: options of the method (e.g. `{"top_k": 20}` or `{"num_probes": 32}`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from fim_lightning import FisherSpectralNorm, fisher_spectral_norm
