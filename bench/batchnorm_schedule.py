@@ -64,7 +64,8 @@ def main() -> None:
     for name, schedule in SCHEDULES.items():
         pl.seed_everything(0, workers=True)
         probe = EpochAccuracies(images, labels)
-        module = ImageClassifier(SmallCNN(data.in_channels, 10), 10, optimizer=OPTIMIZER, scheduler=schedule(args.epochs))
+        module = ImageClassifier(SmallCNN(data.in_channels, 10), 10, optimizer=OPTIMIZER,
+                                 scheduler=schedule(args.epochs))
         plain_trainer(args.epochs, (probe,)).fit(module, datamodule=data)
         columns[name] = probe.rows
     print(f"machine: {machine()}")

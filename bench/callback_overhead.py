@@ -63,7 +63,8 @@ def run(epochs: int, callback_options: dict | None) -> tuple[float, float, torch
     module = ImageClassifier(SmallCNN(3, 10), num_classes=10)
     callbacks = [] if callback_options is None else [TimedCallback(model_attribute="net", **callback_options)]
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=pl.loggers.CSVLogger(root),
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks,
+                             logger=pl.loggers.CSVLogger(root),
                              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                              default_root_dir=root, deterministic=True)
         start = time.perf_counter()
@@ -88,9 +89,11 @@ def main() -> None:
             times[label].append(seconds)
             in_run[label].append(seconds / (seconds - inside))
     print(f"machine: {machine()}")
-    print(f"SmallCNN on CIFAR-10 subset (5,000 train / 1,000 val), {args.epochs} epochs, batch 128, {args.repeats} repeats")
+    print(f"SmallCNN on CIFAR-10 subset (5,000 train / 1,000 val), {args.epochs} epochs, batch 128, "
+          f"{args.repeats} repeats")
     print("callback defaults: 32 probes, exact method, every epoch, figures on\n")
-    print("| run | best wall time (s) | median (s) | (1) best / best without | (2) in-run ratio, median | all runs (s) |")
+    print("| run | best wall time (s) | median (s) | (1) best / best without | (2) in-run ratio, median "
+          "| all runs (s) |")
     print("|---|---:|---:|---:|---:|---|")
     base = min(times["without callback"])
     for label, runs in times.items():

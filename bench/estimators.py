@@ -106,7 +106,8 @@ def main() -> None:
         _memory_probe(*args.memory_probe[:1], int(args.memory_probe[1]), int(args.memory_probe[2]))
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"machine: {machine()}\nbatch: {args.batch} CIFAR-10 test images, 10 classes, device {device}; exact uses chunk_size=None (CPU: one VJP at a time)\n")
+    print(f"machine: {machine()}\nbatch: {args.batch} CIFAR-10 test images, 10 classes, device {device}; exact uses "
+          "chunk_size=None (CPU: one VJP at a time)\n")
     print("| model | method | time (s) | x faster than power-50 | median rel. error | max rel. error |")
     print("|---|---|---:|---:|---:|---:|")
     for name in args.models:
@@ -128,7 +129,8 @@ def main() -> None:
         power_time = results["power (50 it)"][1]
         for label, (value, seconds) in results.items():
             error = (value.cpu() - reference).abs() / reference
-            print(f"| {name} | {label} | {seconds:.3f} | {power_time / seconds:.1f} | {error.median():.1e} | {error.max():.1e} |")
+            print(f"| {name} | {label} | {seconds:.3f} | {power_time / seconds:.1f} | {error.median():.1e} | "
+                  f"{error.max():.1e} |")
     print("\n| model | exact, chunk_size (VJPs vmapped at once) | peak memory (MiB) |")
     print("|---|---|---:|")
     for name in args.models:

@@ -7,8 +7,9 @@ do). Per (model, regime): lambda_max by "exact" (all 999 classes, the reference)
 merged lower bound, `max_neglected_mass=1`, and the neglected mass), "lanczos", "power" and "auto" (the
 default): the largest relative error against exact, the seconds and the peak memory (the process's peak
 resident memory above its state before the call, one subprocess per measurement). Then the robustness estimate
-(`robust_distances`, the callback's call: L2 and L-inf from one set of VJPs, inside [0, 1]) with every class as candidate against the
-default 32 candidates: the largest relative difference and the share of samples whose distance is the same.
+(`robust_distances`, the distances the callback gets from `fisher_scores(norms=...)`: L2 and L-inf from one set
+of VJPs, inside [0, 1]) with every class as candidate against the default 32 candidates: the largest relative
+difference and the share of samples whose distance is the same.
 
 The crossover that sets `algorithms.AUTO_EXACT_CLASSES`: exact against Lanczos seconds on ResNet-18 at 32 px
 (4 images) as the number of classes grows (`CROSSOVER`).
@@ -136,7 +137,8 @@ def report(rows: list[dict]) -> str:
     if crossing:
         lines += ["", "## Where exact stops being cheaper (ResNet-18, 32 px, 4 images): `AUTO_EXACT_CLASSES`\n",
                   "| classes | exact (s) | Lanczos (s) | exact / Lanczos |", "|---:|---:|---:|---:|"]
-        lines += [f"| {row['classes']} | {row['exact']:.2f} | {row['lanczos']:.2f} | {row['exact'] / row['lanczos']:.2f} |"
+        lines += [f"| {row['classes']} | {row['exact']:.2f} | {row['lanczos']:.2f} | "
+                  f"{row['exact'] / row['lanczos']:.2f} |"
                   for row in sorted(crossing, key=lambda row: row["classes"])]
     return "\n".join(lines) + "\n"
 

@@ -270,7 +270,8 @@ def pareto_figure(summary: dict, name: str, floor: float | None, sized: bool = T
     matched comparison's clean-accuracy `floor`."""
     figure = new_figure(11.0, 5.0)
     longest = max(s["train_s"][0] for s in summary.values())
-    for index, (metric, label) in enumerate((("pgd_l2", "PGD L2 0.5 accuracy"), ("pgd_linf", "PGD L-inf 8/255 accuracy"))):
+    panels = (("pgd_l2", "PGD L2 0.5 accuracy"), ("pgd_linf", "PGD L-inf 8/255 accuracy"))
+    for index, (metric, label) in enumerate(panels):
         ax = figure.add_subplot(1, 2, index + 1)
         for colour, method in enumerate(SETTINGS):
             points = [s for k, s in summary.items() if k[0] == method]

@@ -172,7 +172,8 @@ def report(results: dict[str, dict]) -> None:
         for way in ("streamed", "in-memory"):
             pair = [results.get(f"memory/{way}/{n}") for n in (1000, 8000)]
             if all(pair):
-                print(f"\n{way}: peak RSS 8,000 / 1,000 samples = {pair[1]['peak_rss_mib'] / pair[0]['peak_rss_mib']:.3f}")
+                ratio = pair[1]['peak_rss_mib'] / pair[0]['peak_rss_mib']
+                print(f"\n{way}: peak RSS 8,000 / 1,000 samples = {ratio:.3f}")
     processes = [results[k] for k in MEASUREMENTS if k.startswith("processes/") and k in results]
     if processes:
         print("\n| processes x threads | samples | seconds | samples/s |\n|---|---:|---:|---:|")
@@ -183,7 +184,8 @@ def report(results: dict[str, dict]) -> None:
     if scaling:
         print("\n| model | pixels | top_k | seconds / sample |\n|---|---:|---:|---:|")
         for row in [results[k] for k in MEASUREMENTS if k.startswith("scaling/") and k in results]:
-            print(f"| {row['model']} | {row['size']}x{row['size']} | {row['top_k']} | {row['seconds_per_sample']:.3f} |")
+            print(f"| {row['model']} | {row['size']}x{row['size']} | {row['top_k']} | "
+                  f"{row['seconds_per_sample']:.3f} |")
         if len(scaling) >= 4:
             c, a, b = fit_law(scaling)
             print(f"\nfitted on ResNet-18: t = {c:.3g} s x (top_k + 1)^{a:.2f} x (pixels)^{b:.2f}")

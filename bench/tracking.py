@@ -24,7 +24,8 @@ AutoAttack at the checkpoints each signal selects (`--standard`).
 Regimes (fixed before the estimate's errors were looked at, `--calibrate`): `plain`; `pgd_at` (PGD L-inf 10
 steps of eps / 4 from a random start); `trades` (beta 6); `fgsm` (FGSM without random start, one step of size
 eps: catastrophic overfitting, at eps 16/255 on CIFAR and 0.1 on Fashion-MNIST, `FGSM_EPS`); `fisher_worst`
-(FisherWorstDirectionPenalty, weight 1). Training eps otherwise: 8/255 on CIFAR, 0.1 on Fashion-MNIST. Adam 3e-3 with a cosine decay per epoch (the frontier's protocol), `--train` images.
+(FisherWorstDirectionPenalty, weight 1). Training eps otherwise: 8/255 on CIFAR, 0.1 on Fashion-MNIST. Adam 3e-3
+with a cosine decay per epoch (the frontier's protocol), `--train` images.
 """
 from __future__ import annotations
 
@@ -262,7 +263,8 @@ def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, 
         for eps in radii:
             attacks.robust_accuracy(net, x, y, norm=norm, eps=eps, steps=20, step_size=eps / 4)
     pgd = time.perf_counter() - start
-    return (f"machine: {machine()}\n{data} {name} seed {seed} epoch {epoch}, {len(x)} probes: estimate {estimate:.1f} s, "
+    return (f"machine: {machine()}\n{data} {name} seed {seed} epoch {epoch}, {len(x)} probes: "
+            f"estimate {estimate:.1f} s, "
             f"PGD-20 at {sum(map(len, RADII[data].values()))} radii {pgd:.1f} s, ratio {estimate / pgd:.3f}")
 
 
@@ -275,9 +277,9 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=5000, help="training images")
     parser.add_argument("--probes", type=int, default=512)
     parser.add_argument("--aa-probes", type=int, default=256)
-    parser.add_argument("--train-eps", type=float, help="the training radius of the adversarial regimes (default: "
-                                                            "`default_train_eps`: FGSM 16/255 on CIFAR-10, else 8/255; 0.1 "
-                                                            "on Fashion-MNIST)")
+    parser.add_argument("--train-eps", type=float,
+                        help="the training radius of the adversarial regimes (default: `default_train_eps`: FGSM "
+                             "16/255 on CIFAR-10, else 8/255; 0.1 on Fashion-MNIST)")
     parser.add_argument("--calibrate", action="store_true", help="train only, with clean and PGD-10 accuracy at "
                                                                  "the training radius per epoch (calibration.jsonl)")
     parser.add_argument("--sweep", action="store_true", help="every job of `SWEEP` in order, each resumed or skipped")

@@ -678,7 +678,8 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         try:
             self._write_figures(trainer, "on_end")
         except Exception as error:  # never hide the exception that stopped the run
-            warnings.warn(f"FisherRobustnessCallback could not write its figures after {exception!r}: {error!r}")
+            warnings.warn(f"FisherRobustnessCallback could not write its figures after {exception!r}: {error!r}",
+                          stacklevel=2)
 
     def _score_share(self, share: Tensor, pl_module: pl.LightningModule,
                      share_labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -90,7 +90,8 @@ class CarliniWagnerL2(nn.Module):
     |delta|^2 + const * max(z_y - max_{j != y} z_j, -confidence) by Adam (`learning_rate`, `steps` steps),
     x + delta clipped to [0, 1]; returns x + delta. Same call as `PGD` (labels only)."""
 
-    def __init__(self, const: float = 1.0, steps: int = 20, learning_rate: float = 0.01, confidence: float = 0.0) -> None:
+    def __init__(self, const: float = 1.0, steps: int = 20, learning_rate: float = 0.01,
+                 confidence: float = 0.0) -> None:
         super().__init__()
         self.const = check_real("const", const, 0.0, strict=True)
         self.steps = check_int("steps", steps, 1)

@@ -280,7 +280,8 @@ class ImageFolderDataModule(ArrayDataModule):
         if images.labels.max() >= self.num_classes:
             raise ValueError(f"{folder}: class index {images.labels.max().item()} >= num_classes={self.num_classes}")
         limit = self.limit_train if split == "train" else self.limit_eval
-        self.splits[split] = images if limit is None else torch.utils.data.Subset(images, range(min(limit, len(images))))
+        self.splits[split] = images if limit is None else torch.utils.data.Subset(images,
+                                                                                  range(min(limit, len(images))))
 
     def setup(self, stage: Optional[str] = None) -> None:
         root = _resolve(self.root)

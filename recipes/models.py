@@ -26,7 +26,8 @@ class SmallCNN(nn.Sequential):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128),
                  mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.25,)) -> None:
-        layers: list[nn.Module] = [Normalize(list(mean) * (in_channels // len(mean)), list(std) * (in_channels // len(std)))]
+        layers: list[nn.Module] = [Normalize(list(mean) * (in_channels // len(mean)),
+                                             list(std) * (in_channels // len(std)))]
         channels = in_channels
         for i, width in enumerate(widths):
             layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
@@ -56,7 +57,8 @@ def _first_conv(in_channels: int, conv: nn.Conv2d) -> nn.Conv2d:
     """`conv` with `in_channels` input channels (grey-scale or multi-spectral inputs), same geometry."""
     if in_channels == conv.in_channels:
         return conv
-    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     bias=conv.bias is not None)
 
 
 def torchvision_classifier(name: str, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None,
@@ -99,7 +101,8 @@ def _replace_input_channels(net: nn.Module, in_channels: int) -> None:
     raise TypeError(f"cannot find the first convolution of {type(net).__name__}")
 
 
-def cifar_vgg(num_classes: int = 10, in_channels: int = 3, config: Sequence = (32, "M", 64, "M", 128, 128, "M", 256, "M"),
+def cifar_vgg(num_classes: int = 10, in_channels: int = 3,
+              config: Sequence = (32, "M", 64, "M", 128, 128, "M", 256, "M"),
               mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.25,)) -> nn.Sequential:
     """torchvision's VGG with BatchNorm at CIFAR size: `config` as in torchvision's `make_layers`, global
     average pooling and one linear classifier."""

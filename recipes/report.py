@@ -184,7 +184,8 @@ def build_report(cfg: DictConfig) -> str:
              f"{', '.join(sorted(set(table['data'])))}. Inputs are pixels in [0, 1] with normalisation inside the "
              f"model: every score and attack is taken in that space. Machine: {machine()}.\n"]
     gaps = unsupported(table, {cfg.target: "per-sample correlations with it",
-                               "pgd_linf_robust": "PGD L-inf accuracy rankings", "pgd_l2_robust": "PGD L2 accuracy rankings"})
+                               "pgd_linf_robust": "PGD L-inf accuracy rankings",
+                               "pgd_l2_robust": "PGD L2 accuracy rankings"})
     stopped = [run for run in runs if unfinished(Path(run))]
     if stopped:
         gaps.append(f"- {len(stopped)} run(s) never finished (no `{DONE}`: stopped or still running): "
@@ -200,7 +201,8 @@ def build_report(cfg: DictConfig) -> str:
                   f"Correctly classified samples with finite values; mean over seeds of the per-seed correlation, "
                   f"95% bootstrap interval over seeds and samples ({cfg.draws} draws). Larger radius / CLEVER / "
                   f"margin and smaller lambda_max / trace / bound / grad_norm predict a larger minimal perturbation.\n",
-                  statistics.markdown(samples, [*GROUP, "score", "samples", "seeds", "spearman", "kendall", "pearson"]), ""]
+                  statistics.markdown(samples,
+                                      [*GROUP, "score", "samples", "seeds", "spearman", "kendall", "pearson"]), ""]
         agreement = statistics.distance_agreement(table, target=cfg.target, by=GROUP, draws=cfg.draws)
         if agreement:
             lines += [f"## Does a score's value mean a distance? (`{cfg.target}` / predicted)\n",

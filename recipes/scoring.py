@@ -59,7 +59,7 @@ def valid_shards(folder: Path) -> list[Path]:
             shards.append(path)
         else:
             warnings.warn(f"{path}: corrupt or partial shard (its name does not match its rows / CRC); its samples "
-                          "are scored again")
+                          "are scored again", stacklevel=2)
     return shards
 
 

@@ -53,7 +53,7 @@ def read_table(paths: Iterable[Path]) -> Table:
     for path in dict.fromkeys(Path(p).resolve() for p in paths):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest in contents:
-            warnings.warn(f"{path} is a copy of {contents[digest]}: counted once")
+            warnings.warn(f"{path} is a copy of {contents[digest]}: counted once", stacklevel=2)
             continue
         contents[digest] = path
         file_rows = _read_csv(path)
@@ -72,7 +72,7 @@ def read_table(paths: Iterable[Path]) -> Table:
     for (run, stage), found in sources.items():
         if len(found) > 1:
             warnings.warn(f"{run} [{stage}] was evaluated {len(found)} times ({', '.join(map(str, found))}): "
-                          f"the newest, {newest[run, stage]}, is used")
+                          f"the newest, {newest[run, stage]}, is used", stacklevel=2)
     rows = [row for row in rows if row.pop("_source") == newest[row["run"], row.get("stage", "")]]
     if not rows:
         raise FileNotFoundError("no rows: the evaluation CSV files are missing or empty")

@@ -69,7 +69,8 @@ def kl_ratios(net64: nn.Module, x: Tensor, directions: Tensor, steps: np.ndarray
     directions = directions.double()
     with torch.no_grad():
         log_p = net64(x).log_softmax(-1)
-        curvature = (directions * fl.fisher_vector_product(net64, x.expand_as(directions), directions)).flatten(1).sum(1)
+        curvature = (directions * fl.fisher_vector_product(net64, x.expand_as(directions),
+                                                           directions)).flatten(1).sum(1)
         ratios = np.zeros((len(directions), len(steps)))
         for j, t in enumerate(steps):
             log_q = net64(x + t * directions).log_softmax(-1)

@@ -39,7 +39,8 @@ def curve_table(history: list[dict], prefix: str = "fim") -> str:
     lines = ["| stage | epoch | step | " + " | ".join(statistics) + " |",
              "|---|---:|---:|" + "---:|" * len(columns)]
     for r in history:
-        lines.append(f"| {r['stage']} | {r['epoch']} | {r['step']} | " + " | ".join(f"{r[c]:.4g}" for c in columns) + " |")
+        cells = " | ".join(f"{r[c]:.4g}" for c in columns)
+        lines.append(f"| {r['stage']} | {r['epoch']} | {r['step']} | {cells} |")
     return "\n".join(lines)
 
 

@@ -22,7 +22,8 @@ class TinyClassifier(pl.LightningModule):
 
     def __init__(self, dim=12, classes=4, with_metric=False):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, classes))
+        self.net = nn.Sequential(nn.Linear(dim, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2),
+                                 nn.Linear(32, classes))
         self.val_fim = FisherSpectralNorm() if with_metric else None
 
     def forward(self, x):

@@ -1,4 +1,5 @@
-"""Training-time PGD, CW and TRADES; the ART-based evaluation attacks and CLEVER against closed forms on linear models."""
+"""Training-time PGD, CW and TRADES; the ART-based evaluation attacks and CLEVER against closed forms on linear
+models."""
 import math
 
 import numpy as np
@@ -141,7 +142,8 @@ def test_training_carlini_wagner_flips_linear_predictions_at_their_distance():
     flipped = (model(adversarial).argmax(1) != top).numpy()
     norms = (adversarial - x).flatten(1).norm(dim=1).detach().double().numpy()
     assert flipped.mean() > 0.8
-    assert (norms[flipped] >= distance[flipped] * (1 - 1e-4)).all() and np.median(norms[flipped] / distance[flipped]) < 1.5
+    assert (norms[flipped] >= distance[flipped] * (1 - 1e-4)).all()
+    assert np.median(norms[flipped] / distance[flipped]) < 1.5
     assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="labels only"):
         CarliniWagnerL2()(model, x)

@@ -35,7 +35,8 @@ def test_linear_softmax_bound_is_its_closed_form():
     sigma = torch.linalg.matrix_norm(model[0].weight.detach(), 2)
     torch.testing.assert_close(bound.value, metric * sigma**2, rtol=1e-5, atol=0)
     assert (bound.value >= fl.fisher_spectral_norm(model, x)).all()
-    assert fisher_spectral_bound(model, input_shape=(6,)).value.item() == pytest.approx(0.5 * sigma.item() ** 2, rel=1e-5)
+    assert fisher_spectral_bound(model, input_shape=(6,)).value.item() == pytest.approx(0.5 * sigma.item() ** 2,
+                                                                                        rel=1e-5)
     assert bound.lipschitz == pytest.approx(sigma.item(), rel=1e-5)
 
 

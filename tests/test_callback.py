@@ -159,7 +159,8 @@ def test_bad_arguments_fail_at_construction():
 def test_explicit_dataset_and_model_attribute(tmp_path):
     callback = fl.FisherRobustnessCallback(num_samples=8, data=blobs(n=30, seed=5), model_attribute="net")
     model, _ = _fit(tmp_path, [callback], max_epochs=1)
-    spectral = fl.fisher_spectral_norm(model.net, blobs(n=30, seed=5).tensors[0][callback.state_dict()["probe_indices"]])
+    spectral = fl.fisher_spectral_norm(model.net,
+                                       blobs(n=30, seed=5).tensors[0][callback.state_dict()["probe_indices"]])
     assert callback.history[-1]["fim/spectral_norm/max"] == pytest.approx(spectral.max().item(), rel=1e-5)
 
 

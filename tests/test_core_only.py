@@ -52,7 +52,8 @@ net = module.net.double()
 exact = fl.fisher_spectral_norm(net, x)
 black = fl.blackbox_fisher(lambda z: net(z).softmax(-1), x, num_queries=33, difference="central").spectral_norm
 bound = fl.fisher_spectral_bound(net, x).value
-assert torch.allclose(black, exact, rtol=1e-4) and (bound >= exact).all(), (exact, black, bound)  # float64, 16 probes span d = 16
+# float64, 16 probes span d = 16
+assert torch.allclose(black, exact, rtol=1e-4) and (bound >= exact).all(), (exact, black, bound)
 assert trainer.callback_metrics["val_fim"] > 0 and len(callback.history) == 1
 print("core-only OK", float(exact.mean()))
 '''

@@ -46,7 +46,9 @@ def test_bad_model_outputs(forward, output, error, match):
 def test_hugging_face_style_outputs_are_read_from_logits():
     base = make_mlp()
     x = torch.randn(3, 7)
-    wrapped = lambda inputs: {"logits": base(inputs)}
+    def wrapped(inputs):
+        return {"logits": base(inputs)}
+
     torch.testing.assert_close(fl.fisher_spectral_norm(wrapped, x), fl.fisher_spectral_norm(base, x))
 
 

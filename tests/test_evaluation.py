@@ -27,7 +27,8 @@ def test_columns_of_a_linear_model_match_their_closed_forms():
     z = xd @ w.T
     second = z.topk(2, dim=1).indices[:, 1]
     np.testing.assert_array_equal(table["prediction"], top.numpy())
-    np.testing.assert_allclose(table["margin"], (z.gather(1, top[:, None]) - z.gather(1, second[:, None]))[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(table["margin"], (z.gather(1, top[:, None]) - z.gather(1, second[:, None]))[:, 0],
+                               rtol=1e-5)
     np.testing.assert_allclose(table["radius"], table["margin"] / np.sqrt(table["lambda_max"]), rtol=1e-6)
     np.testing.assert_allclose(table["grad_norm"], (w[top] - w[second]).norm(dim=1).numpy(), rtol=1e-5)
     # linear model: the linear step margin / |w_top - w_second| is the exact distance to that decision boundary
@@ -42,7 +43,8 @@ def test_columns_of_a_linear_model_match_their_closed_forms():
     np.testing.assert_allclose(table["lambda_max_blackbox"], table["lambda_max"], rtol=1e-3)
     assert (table["bound"] >= table["lambda_max"]).all()
     np.testing.assert_array_equal(table["correct"], np.arange(20) >= 5)
-    assert (table["min_perturbation"] >= distance * (1 - 1e-4)).all() and np.median(table["min_perturbation"] / distance) < 1.03
+    assert (table["min_perturbation"] >= distance * (1 - 1e-4)).all()
+    assert np.median(table["min_perturbation"] / distance) < 1.03
     np.testing.assert_allclose(table["clever"][:2], distance[:2], rtol=1e-4)
     assert np.isnan(table["clever"][2:]).all()
     assert not table["pgd_l2_robust"][:5].any()  # misclassified samples are never robust
@@ -64,7 +66,8 @@ def test_top_k_reports_the_merged_mass_and_stays_a_lower_bound():
     assert coarse.any() and np.isnan(table["lambda_max"][coarse]).all()
     kept = table["lambda_max"][~coarse]
     assert (kept <= full[~coarse] * (1 + 1e-6)).all() and (kept > 0).all()
-    assert set(table) == {"index", "label", "lambda_max", "trace", "radius", "fisher_step", "prediction", "margin", "grad_norm",
+    assert set(table) == {"index", "label", "lambda_max", "trace", "radius", "fisher_step", "prediction", "margin",
+                          "grad_norm",
                           "linear_step", "neglected_mass", "correct"}
 
 

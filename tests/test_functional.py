@@ -19,13 +19,15 @@ def test_linear_softmax_closed_form():
     F = torch.stack([W.T @ (torch.diag(q) - torch.outer(q, q)) @ W for q in p])
     evals, evecs = torch.linalg.eigh(F)
     for method in ("exact", "power", "lanczos"):
-        pair = fl.fisher_top_eigenpair(linear, x, method, **({} if method == "exact" else {"tol": 1e-12, "max_iter": 2000}))
+        pair = fl.fisher_top_eigenpair(linear, x, method,
+                                       **({} if method == "exact" else {"tol": 1e-12, "max_iter": 2000}))
         torch.testing.assert_close(pair.eigenvalue, evals[:, -1], rtol=1e-9, atol=0)
         alignment = (pair.eigenvector * evecs[:, :, -1]).sum(1).abs()
         torch.testing.assert_close(alignment, torch.ones(5, dtype=torch.float64), rtol=1e-6, atol=0)
     torch.testing.assert_close(fl.fisher_trace(linear, x), torch.diagonal(F, dim1=1, dim2=2).sum(1), rtol=1e-12, atol=0)
     v = torch.randn(5, 6, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(fl.fisher_vector_product(linear, x, v), (F @ v.unsqueeze(-1)).squeeze(-1), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(fl.fisher_vector_product(linear, x, v), (F @ v.unsqueeze(-1)).squeeze(-1), rtol=1e-12,
+                               atol=1e-15)
 
 
 def test_exact_matches_dense_jacobian(model_and_inputs):
@@ -93,7 +95,8 @@ def test_fisher_is_the_covariance_of_score_gradients():
     reference = model.double()
     log_p = reference(x).log_softmax(-1)[0]
     grads = torch.stack([torch.autograd.grad(log_p[y], x, retain_graph=True)[0][0] for y in range(5)])
-    labels = torch.multinomial(log_p.exp().detach(), 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    labels = torch.multinomial(log_p.exp().detach(), 200_000, replacement=True,
+                               generator=torch.Generator().manual_seed(0))
     samples = grads[labels]
     empirical = samples.T @ samples / len(samples)
     basis = torch.eye(7, dtype=torch.float64)
@@ -104,7 +107,8 @@ def test_fisher_is_the_covariance_of_score_gradients():
 
 
 def test_second_order_kl_expansion():
-    model, x = make_cnn().double(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    model, x = make_cnn().double(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6),
+                                                dtype=torch.float64)
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     quadratic = (v * fl.fisher_vector_product(model, x, v)).flatten(1).sum(1)
     errors = []
@@ -119,8 +123,11 @@ def test_second_order_kl_expansion():
 
 def test_invariant_to_an_input_dependent_logit_shift():
     model, x = make_cnn(), torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(8))
-    shifted = lambda inputs: model(inputs) + 10 * inputs.flatten(1).sum(1, keepdim=True).sin()
-    torch.testing.assert_close(fl.fisher_spectral_norm(shifted, x), fl.fisher_spectral_norm(model, x), rtol=1e-4, atol=0)
+    def shifted(inputs):
+        return model(inputs) + 10 * inputs.flatten(1).sum(1, keepdim=True).sin()
+
+    torch.testing.assert_close(fl.fisher_spectral_norm(shifted, x), fl.fisher_spectral_norm(model, x), rtol=1e-4,
+                               atol=0)
     torch.testing.assert_close(fl.fisher_trace(shifted, x), fl.fisher_trace(model, x), rtol=1e-4, atol=0)
 
 
@@ -134,7 +141,8 @@ def test_trace_brackets_the_spectral_norm():
 @pytest.mark.parametrize("output", ["probs", "log_probs"])
 def test_probabilities_and_log_probabilities_as_outputs(output):
     model, x = make_cnn(), torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(10))
-    wrapped = (lambda inputs: model(inputs).softmax(-1)) if output == "probs" else (lambda inputs: model(inputs).log_softmax(-1))
+    def wrapped(inputs):
+        return model(inputs).softmax(-1) if output == "probs" else model(inputs).log_softmax(-1)
     for method in ("exact", "lanczos"):
         torch.testing.assert_close(fl.fisher_spectral_norm(wrapped, x, method, output=output),
                                    fl.fisher_spectral_norm(model, x, method), rtol=1e-4, atol=0)
@@ -142,7 +150,9 @@ def test_probabilities_and_log_probabilities_as_outputs(output):
 
 def test_saturated_softmax_stays_accurate_and_nonnegative():
     base = make_mlp()
-    model = lambda inputs: 200 * base(inputs)  # margins of tens of nats: p of the runner-up < 1e-15
+    def model(inputs):  # margins of tens of nats: p of the runner-up < 1e-15
+        return 200 * base(inputs)
+
     x = torch.randn(4, 7, generator=torch.Generator().manual_seed(11)) * 3
     reference = torch.linalg.eigvalsh(dense_fisher(_Scaled(base, 200), x))[:, -1]
     assert reference.min() < 1e-30 and reference.max() < 1e-6

@@ -156,7 +156,8 @@ def test_timm_vit_on_cpu_matches_the_dense_reference():
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     before = _snapshot(model)
     reference = torch.linalg.eigvalsh(dense_fisher(model, x))[:, -1]
-    torch.testing.assert_close(fl.fisher_spectral_norm(model, x, model_dtype=torch.float64), reference, rtol=1e-8, atol=0)
+    torch.testing.assert_close(fl.fisher_spectral_norm(model, x, model_dtype=torch.float64), reference, rtol=1e-8,
+                               atol=0)
     torch.testing.assert_close(fl.fisher_spectral_norm(model, x, "lanczos"), reference, rtol=1e-4, atol=0)
     _assert_same(before, _snapshot(model))
 
@@ -167,7 +168,8 @@ B = torch.backends
 
 def reads():
     out = {}
-    for name, read in [("legacy matmul", lambda: B.cuda.matmul.allow_tf32), ("legacy cudnn", lambda: B.cudnn.allow_tf32),
+    for name, read in [("legacy matmul", lambda: B.cuda.matmul.allow_tf32),
+                       ("legacy cudnn", lambda: B.cudnn.allow_tf32),
                        ("matmul precision", torch.get_float32_matmul_precision),
                        *[(f"{owner} fp32_precision", lambda o=o: o.fp32_precision) for owner, o in [
                            ("cuda.matmul", B.cuda.matmul), ("cudnn.conv", B.cudnn.conv), ("cudnn.rnn", B.cudnn.rnn),

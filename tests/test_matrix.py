@@ -22,10 +22,10 @@ W&B in one process, which `tests/test_callback.py` covers; G-J add the other str
 | J | 32-true | 1, `lightning.pytorch` | TensorBoard | FisherKLPenalty |
 
 The weights never change (SGD with lr 0, BatchNorm momentum 0), so each cell must log the same numbers:
-- every logged FIM statistic (and the callback's default estimated robust accuracy) equals an independent float32 computation on one process
-  (`fl.fisher_scores` on the probe set) and cell A's, to rel 1e-5: scoring runs in float32 with autocast off
-  in every cell and the gather is exact, so only the float32 rounding of a different batch split can differ
-  (about 1e-7);
+- every logged FIM statistic (and the callback's default estimated robust accuracy) equals an independent float32
+  computation on one process (`fl.fisher_scores` on the probe set) and cell A's, to rel 1e-5: scoring runs in
+  float32 with autocast off in every cell and the gather is exact, so only the float32 rounding of a different
+  batch split can differ (about 1e-7);
 - the metric equals `fl.fisher_spectral_norm` over all validation samples (rel 1e-5, same reason);
 - each penalty that rank 0 computed equals the same penalty recomputed on one process in float32 on that
   rank's batch: rel 1e-4 for the spectral penalty, 1e-3 for the KL penalty (a KL at h = 1e-2 is a difference

@@ -31,7 +31,8 @@ def test_forward_returns_the_batch_value_and_keeps_accumulating():
     model, batches = make_cnn(), _batches()
     metric = fl.FisherSpectralNorm(method="lanczos")
     batch_value = metric(model, batches[0])
-    torch.testing.assert_close(batch_value, fl.fisher_spectral_norm(model, batches[0]).float().mean(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(batch_value, fl.fisher_spectral_norm(model, batches[0]).float().mean(), rtol=1e-4,
+                               atol=0)
     metric(model, batches[1])
     reference = fl.fisher_spectral_norm(model, torch.cat(batches[:2])).float().mean()
     torch.testing.assert_close(metric.compute(), reference, rtol=1e-4, atol=0)

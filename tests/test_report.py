@@ -41,7 +41,8 @@ def test_seed_bootstrap_averages_seeds_and_its_interval_shrinks_with_samples():
     assert low < statistic < high
     _, big_low, big_high = report.seed_bootstrap([seed_pairs(600) for _ in range(3)], "spearman", draws=300)
     assert big_high - big_low < (high - low) / 2
-    np.testing.assert_allclose(report.seed_bootstrap([(np.arange(10.0), np.arange(10.0) ** 2)], draws=50), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(report.seed_bootstrap([(np.arange(10.0), np.arange(10.0) ** 2)], draws=50), 1.0,
+                               rtol=1e-12)
 
 
 def _table():
@@ -50,7 +51,8 @@ def _table():
     for model, slope in (("a", 1.0), ("b", 2.0), ("c", 4.0)):
         for seed in (0, 1):
             x = rng.uniform(0.1, 1.0, size=50)
-            rows.append({"model": np.full(50, model), "regularizer": np.full(50, "none"), "stage": np.full(50, "trained"),
+            rows.append({"model": np.full(50, model), "regularizer": np.full(50, "none"),
+                         "stage": np.full(50, "trained"),
                          "seed": np.full(50, seed), "index": np.arange(50.0), "correct": np.ones(50),
                          "radius": x, "lambda_max": slope / x, "min_perturbation": x / slope,
                          "pgd_l2_robust": (x / slope > 0.2).astype(float)})
@@ -76,7 +78,8 @@ def test_sample_and_model_correlations_on_a_known_table(tmp_path):
     assert [r["rank of median lambda_max"] for r in ranking] == [1, 2, 3]
     text = report.markdown(rows[:1], ["model", "score", "spearman"])
     assert text.splitlines()[2] == "| a | radius | 1.000 [1.000, 1.000] |"
-    for figure in (report.scatter_figure(table), report.ranking_figure(summaries, "median lambda_max", "PGD L2 accuracy")):
+    for figure in (report.scatter_figure(table),
+                   report.ranking_figure(summaries, "median lambda_max", "PGD L2 accuracy")):
         assert len(figure.axes) == 1
 
 
