@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor
@@ -217,12 +217,13 @@ def auto(
     if op.log_probs.shape[1] <= AUTO_EXACT_CLASSES:
         return exact_dual(op, chunk_size=chunk_size, dtype=dtype)
     pair = lanczos(op, max_iter=max_iter, tol=tol, generator=generator, dtype=dtype)
-    unconverged = ~(pair.residual <= math.sqrt(tol)) & ~op.invalid
+    residual = cast(Tensor, pair.residual)  # lanczos always reports it
+    unconverged = ~(residual <= math.sqrt(tol)) & ~op.invalid
     if not unconverged.any():
         return pair
     index = unconverged.nonzero().flatten()
     exact = exact_dual(op.subset(index), chunk_size=chunk_size, dtype=dtype)
-    eigenvalue, eigenvector, residual = pair.eigenvalue.clone(), pair.eigenvector.clone(), pair.residual.clone()
+    eigenvalue, eigenvector, residual = pair.eigenvalue.clone(), pair.eigenvector.clone(), residual.clone()
     eigenvalue[index], eigenvector[index], residual[index] = exact.eigenvalue, exact.eigenvector, 0.0
     return TopEigenpair(eigenvalue=eigenvalue, eigenvector=eigenvector, residual=residual,
                         steps=pair.steps + exact.steps)

@@ -41,6 +41,7 @@ from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 from torch import Tensor
 
 from fim_lightning.algorithms import sketch
@@ -286,7 +287,7 @@ def blackbox_fisher_trace(predict: Callable, inputs: Tensor, num_queries: int = 
 
 
 def numpy_predictor(function: Callable[[np.ndarray], np.ndarray], input_shape: Optional[tuple[int, ...]] = None,
-                    dtype: np.dtype = np.float64) -> Callable[[Tensor], Tensor]:
+                    dtype: DTypeLike = np.float64) -> Callable[[Tensor], Tensor]:
     """Wrap a NumPy function (scikit-learn's `predict_proba`, an onnxruntime session's run) as a predictor:
     tensors in (reshaped to `(N, *input_shape)` and cast to `dtype`), tensors out in the function's own
     floating dtype (others as float64)."""

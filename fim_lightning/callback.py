@@ -6,7 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union, cast
 
 import pytorch_lightning as pl
 import torch
@@ -23,7 +23,7 @@ from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_op
 from fim_lightning.guard import forked_rng, preserved_state
 from fim_lightning.outputs import OUTPUT_KINDS, OutputKind, as_class_scores
 from fim_lightning.reductions import SUMMARY, summarize
-from fim_lightning.robustness import NORMS, check_bounds, check_eps, robust_accuracy
+from fim_lightning.robustness import NORMS, Norm, check_bounds, check_eps, robust_accuracy
 from fim_lightning.validation import check_bool, check_choice, check_int, check_real, check_str
 
 _SCORES = ("spectral_norm", "trace", "radius")
@@ -95,7 +95,7 @@ class _Scored(NamedTuple):
     share: Tensor
 
 
-class FisherRobustnessCallback(*CALLBACK_BASES):
+class FisherRobustnessCallback(*CALLBACK_BASES):  # type: ignore[misc]  # each installed package's Callback
     r"""Score a fixed probe set of held-out samples for robustness and log it.
 
     The curve to watch: the estimated robust accuracy ``{prefix}/robust_accuracy/{norm}/{eps}`` (the share of
@@ -215,7 +215,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             radii = _check_eps(DEFAULT_EPS if eps is None else eps)
             if label_key is not None and (isinstance(label_key, bool) or not isinstance(label_key, (int, str))):
                 raise TypeError(f"label_key must be an int, a str or None, got {label_key!r}")
-            check_bounds(input_bounds)
+            bounds = check_bounds(input_bounds)
             check_int("line_steps", line_steps, 0)
             parsed_attacks = _check_attacks(attacks or {}, radii)
             check_int("attack_every_n", attack_every_n, 1)
@@ -240,7 +240,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         self.prefix = prefix
         self.eps = radii
         self.label_key = label_key
-        self.input_bounds = None if input_bounds is None else tuple(input_bounds)
+        self.input_bounds = bounds
         self.line_steps = line_steps
         self.attacks = parsed_attacks
         self.attack_every_n = attack_every_n
@@ -249,7 +249,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         self.collapse_drop = collapse_drop
         self._evaluations = 0
         self._labels_required = eps is not None and bool(radii)
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, Any]] = []  # the statistics, with the step, epoch and stage
         self._probe_inputs: Optional[Tensor] = None
         self._probe_indices: Optional[Tensor] = None
         self._probe_labels: Optional[Tensor] = None
@@ -275,15 +275,16 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         if self._probe_inputs is None and self.data is not None:
             self._ensure_probe_set(trainer, pl_module)
 
-    def _ensure_probe_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._probe_inputs is not None and self._unverified_probes:
-            self._check_saved_probes(trainer, pl_module)
-        if self._probe_inputs is None:
+    def _ensure_probe_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Optional[Tensor]]:
+        """The probe inputs and labels (None where the samples hold none), drawn at the first call."""
+        if self._probe_inputs is not None and self._probe_indices is not None and self._unverified_probes:
+            self._check_saved_probes(trainer, pl_module, self._probe_indices)
+        if self._probe_inputs is None or self._probe_indices is None:
             data = self._held_out_data(trainer, pl_module)
             self._probe_inputs, self._probe_labels, self._probe_indices = self._draw_probe_set(data)
-            self._check_model_output(pl_module)
+            self._check_model_output(pl_module, self._probe_inputs)
         elif self.eps and self._probe_labels is None and not self._labels_checked:
-            self._probe_labels = self._labels_at_indices(self._held_out_data(trainer, pl_module))
+            self._probe_labels = self._labels_at_indices(self._held_out_data(trainer, pl_module), self._probe_indices)
         if self.eps and self._probe_labels is None and not self._labels_checked:
             if self._labels_required:
                 raise MisconfigurationException(
@@ -292,22 +293,23 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             rank_zero_warn("FisherRobustnessCallback: the held-out samples carry no labels, so the robust accuracy "
                            "is not logged; pass label_key= (or eps={} to silence this)")
         self._labels_checked = True
+        return self._probe_inputs, self._probe_labels
 
-    def _check_model_output(self, pl_module: pl.LightningModule) -> None:
+    def _check_model_output(self, pl_module: pl.LightningModule, probes: Tensor) -> None:
         """One forward of two probes: the output must be (B, C) class scores with C >= 2."""
         try:
-            with fisher_operator(self._scored_model(pl_module), self._probe_inputs[:2].to(pl_module.device),
+            with fisher_operator(self._scored_model(pl_module), probes[:2].to(pl_module.device),
                                  output=self.output, mode="eval") as op:
                 op.check_output()
         except Exception as error:  # the output check, or the model's own forward on a tensor batch
-            shape = tuple(self._probe_inputs[:2].shape)
+            shape = tuple(probes[:2].shape)
             raise MisconfigurationException(
                 f"FisherRobustnessCallback cannot score this model on a tensor batch of probe inputs {shape} "
                 f"({type(error).__name__}: {error}). If its forward takes another structure (a dict, several "
                 "inputs) or returns more than class scores, pass model_attribute= naming the network that maps "
                 "the input tensor to (B, C) scores (and input_key= for where the input sits in a sample)") from error
 
-    def _check_saved_probes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _check_saved_probes(self, trainer: pl.Trainer, pl_module: pl.LightningModule, saved: Tensor) -> None:
         """A checkpoint of the older format (no `num_samples` / `seed`): its probe indices must be the ones this
         callback's `num_samples` and `seed` draw from the held-out data, else a new curve starts."""
         self._unverified_probes = False
@@ -316,10 +318,10 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
             return
         expected = self._draw_indices(len(dataset))
-        if not torch.equal(expected, self._probe_indices.cpu()):
+        if not torch.equal(expected, saved.cpu()):
             rank_zero_warn(
                 "FisherRobustnessCallback: the checkpoint (an older format, without num_samples / seed) holds "
-                f"{len(self._probe_indices)} probes that num_samples={self.num_samples}, seed={self.seed} do not "
+                f"{len(saved)} probes that num_samples={self.num_samples}, seed={self.seed} do not "
                 "draw: starting a new FIM curve (new probe set, empty history)"
             )
             self._probe_inputs, self._probe_indices, self.history = None, None, []
@@ -332,7 +334,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         testing = trainer.state.fn == TrainerFn.TESTING
         kind = "test" if testing else "val"
         loader = _first_loader(trainer.test_dataloaders if testing else trainer.val_dataloaders)
-        for source in (trainer.datamodule, pl_module):
+        for source in (getattr(trainer, "datamodule", None), pl_module):  # a property torch's stubs lack
             if loader is None and source is not None:
                 with contextlib.suppress(NotImplementedError, AttributeError, *MISCONFIGURATION_ERRORS):
                     loader = _first_loader(getattr(source, f"{kind}_dataloader")())
@@ -360,11 +362,14 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
                 indices = self._draw_indices(size)
                 items = [dataset[i] for i in indices.tolist()]
                 inputs = torch.stack([self._input_of(item) for item in items])
-                labels = [self._label_of(item) for item in items]
-                labels = torch.stack(labels) if all(label is not None for label in labels) else None
+                found = [self._label_of(item) for item in items]
+                present = [label for label in found if label is not None]
+                labels = torch.stack(present) if len(present) == len(found) else None
             else:
                 loader = data if isinstance(data, DataLoader) else DataLoader(dataset, batch_size=self.batch_size)
-                batches, label_batches, count = [], [], 0
+                batches: list[Tensor] = []
+                label_batches: list[Optional[Tensor]] = []
+                count = 0
                 for batch in loader:
                     batches.append(self._input_of(batch))
                     label_batches.append(self._label_of(batch))
@@ -372,19 +377,20 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
                     if count >= self.num_samples:
                         break
                 inputs = torch.cat(batches)[: self.num_samples]
-                labels = (torch.cat(label_batches)[: self.num_samples]
-                          if all(label is not None for label in label_batches) else None)
+                present = [label for label in label_batches if label is not None]
+                labels = torch.cat(present)[: self.num_samples] if len(present) == len(label_batches) else None
                 indices = torch.arange(len(inputs))
         return inputs.float().contiguous(), labels, indices
 
-    def _labels_at_indices(self, data: Union[DataLoader, Dataset]) -> Optional[Tensor]:
+    def _labels_at_indices(self, data: Union[DataLoader, Dataset], indices: Tensor) -> Optional[Tensor]:
         """The labels of the saved probes (a checkpoint from before labels were kept), from a map-style dataset."""
         dataset = data.dataset if isinstance(data, DataLoader) else data
         if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
             return None
         with forked_rng():
-            labels = [self._label_of(dataset[i]) for i in self._probe_indices.tolist()]
-        return torch.stack(labels) if all(label is not None for label in labels) else None
+            found = [self._label_of(dataset[i]) for i in indices.tolist()]
+        labels = [label for label in found if label is not None]
+        return torch.stack(labels) if len(labels) == len(found) else None
 
     def _label_of(self, item: Any) -> Optional[Tensor]:
         """The integer label(s) of a sample or batch, or None where it holds none."""
@@ -437,7 +443,12 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
                     f"{list(item)}, none of {INPUT_KEYS}; pass input_key=")
             return item[key]
         if isinstance(item, (tuple, list)):
-            return item[0 if self.input_key is None else self.input_key]
+            index = 0 if self.input_key is None else self.input_key
+            if not isinstance(index, int):
+                raise MisconfigurationException(
+                    f"FisherRobustnessCallback: input_key={index!r} is a key, but the held-out samples are "
+                    f"{type(item).__name__}s: pass the input's index")
+            return item[index]
         return item
 
     def _scored_model(self, pl_module: pl.LightningModule) -> Any:
@@ -463,8 +474,8 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         """Whether the end-of-epoch point is scored in `on_validation_epoch_end` (so that ModelCheckpoint and
         EarlyStopping, which run in `on_validation_end`, see it) rather than in `on_train_epoch_end`: only
         where exactly one validation runs per epoch, at its end (as ModelCheckpoint decides where it saves)."""
-        batches = trainer.num_val_batches
-        batches = sum(batches) if isinstance(batches, list) else batches
+        found: Any = trainer.num_val_batches  # a list per dataloader, or one count
+        batches = sum(found) if isinstance(found, list) else found
         return (trainer.check_val_every_n_epoch == 1 and isinstance(trainer.val_check_interval, float)
                 and trainer.val_check_interval == 1.0 and batches > 0)
 
@@ -518,12 +529,12 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         """This rank's share of the probes scored, every rank's values gathered, and the statistics: the
         summaries, the robust accuracy, the alarm while fitting and, every `attack_every_n` evaluations, the
         attacks."""
-        self._ensure_probe_set(trainer, pl_module)
+        probes, probe_labels = self._ensure_probe_set(trainer, pl_module)
         world, rank = trainer.world_size, trainer.global_rank
-        share = self._probe_inputs[rank::world]
-        share_labels = self._probe_labels[rank::world] if self._probe_labels is not None else None
+        share = probes[rank::world]
+        share_labels = probe_labels[rank::world] if probe_labels is not None else None
         local, vectors, predictions = self._score_share(share, pl_module, share_labels)
-        values = self._gather(local, len(self._probe_inputs), world)
+        values = self._gather(local, len(probes), world)
         stats = {}
         for column, name in enumerate(_SCORES):
             stats.update(summarize(values[:, column], f"{self.prefix}/{name}"))
@@ -534,13 +545,13 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         if trainer.state.fn == TrainerFn.FITTING:
             stats.update(self._collapse_alarm(trainer, stats))
         if self.attacks and share_labels is not None and self._evaluations % self.attack_every_n == 0:
-            stats.update(self._calibrate(trainer, pl_module, share, share_labels, values))
+            stats.update(self._calibrate(trainer, pl_module, share, share_labels, values, len(probes)))
         self._evaluations += 1
         return _Scored(stats, values, vectors, predictions, share)
 
     def _log(self, trainer: pl.Trainer, stats: dict[str, float]) -> None:
         """The statistics into the history, every logger (against the global step) and `callback_metrics`."""
-        stage = trainer.state.fn.value
+        stage = cast(TrainerFn, trainer.state.fn).value  # set in every hook that scores
         self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": stage, **stats})
         logged = {self.logged_key(key, stage): value for key, value in stats.items()}
         for logger in trainer.loggers:
@@ -582,11 +593,11 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
         return {f"{self.prefix}/alarm/robust_collapse": float(bool(fired)), **drops}
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, share: Tensor, labels: Tensor,
-                   values: Tensor) -> dict[str, float]:
-        """The attacks on the first `attack_samples` probes (each rank its share of them), against the estimate
-        on the same probes."""
+                   values: Tensor, total: int) -> dict[str, float]:
+        """The attacks on the first `attack_samples` of the `total` probes (each rank its share of them), against
+        the estimate on the same probes."""
         world, rank = trainer.world_size, trainer.global_rank
-        count = min(self.attack_samples, len(self._probe_inputs))
+        count = min(self.attack_samples, total)
         mine = len(range(rank, count, world))
         model = self._scored_model(pl_module)
         x, y = share[:mine].to(pl_module.device), labels[:mine].to(pl_module.device)
@@ -596,7 +607,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             if mine:
                 outcomes[:mine, column] = self._attack_outcome(model, attack, x, y, norm, radius).to(torch.float64)
         seconds = time.perf_counter() - start
-        measured = self._gather(outcomes, len(self._probe_inputs), world)[:count]
+        measured = self._gather(outcomes, total, world)[:count]
         correct = values[:count, _CORRECT] > 0.5
         stats = {f"{self.prefix}/attack/seconds": seconds}
         for column, (norm, radius) in enumerate(self.attacks):
@@ -692,18 +703,21 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             generator = torch.Generator()
             generator.set_state(self._generator_state)
             options["generator"] = generator
-        columns, vectors, predictions = [], [], []
+        columns: list[Tensor] = []
+        vectors: list[Tensor] = []
+        predictions: list[Tensor] = []
         labels = share_labels if self.eps else None
         for start in range(0, len(share), self.batch_size):
             chunk = share[start: start + self.batch_size].to(pl_module.device)
             model = self._scored_model(pl_module)
-            scores = fisher_scores(model, chunk, self.method, output=self.output, mode="eval",
-                                   norms=tuple(self.eps) if labels is not None else (), line_steps=self.line_steps,
-                                   bounds=self.input_bounds, **options)
+            norms = cast(tuple[Norm, ...], tuple(self.eps)) if labels is not None else ()
+            scores = fisher_scores(model, chunk, self.method, output=self.output, mode="eval", norms=norms,
+                                   line_steps=self.line_steps, bounds=self.input_bounds, **options)
             column = [scores.spectral_norm, scores.trace, scores.radius]
             if labels is not None:
                 correct = scores.prediction == labels[start: start + self.batch_size].to(scores.prediction.device)
-                column += [correct.to(torch.float64), *(scores.distances[norm] for norm in self.eps)]
+                distances = cast(dict[str, Tensor], scores.distances)  # asked for with norms=
+                column += [correct.to(torch.float64), *(distances[norm] for norm in self.eps)]
             if self._merges_classes:
                 merged = scores.neglected_mass  # None where top_k keeps every class
                 column.append(torch.zeros_like(scores.spectral_norm) if merged is None else merged)
@@ -713,7 +727,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):
             predictions.append(scores.prediction[:wanted].cpu())
         if generator is not None:
             self._generator_state = generator.get_state()
-        width = len(_SCORES) + (1 + len(self.eps) if labels is not None else 0) + self._merges_classes
+        width = len(_SCORES) + (1 + len(self.eps) if labels is not None else 0) + int(self._merges_classes)
         local = torch.cat(columns) if columns else torch.zeros(0, width, dtype=torch.float64)
         if not vectors:
             return local.to(pl_module.device), torch.zeros(0), torch.zeros(0, dtype=torch.long)

@@ -34,7 +34,7 @@ def histogram_figure(values: Tensor, label: str, title: str = "") -> Figure:
     data = data[np.isfinite(data)]
     positive = data[data > 0]
     if len(positive) == len(data) and len(data) and positive.max() > 10 * positive.min():
-        ax.hist(data, bins=np.geomspace(positive.min(), positive.max(), 31))
+        ax.hist(data, bins=list(np.geomspace(positive.min(), positive.max(), 31)))
         ax.set_xscale("log")
     else:
         ax.hist(data, bins=30)
@@ -143,8 +143,7 @@ def eigenvector_figure(vectors: Tensor, values: Tensor, inputs: Optional[Tensor]
     (`signed_rgb`, with its colour bar) and x + r v moved by the radius r (shown rescaled to [0, 1]); other
     inputs: v as a profile. Titles give lambda_max, the predicted class and r."""
     count = len(vectors)
-    images = is_image_batch(vectors) and inputs is not None and len(inputs) >= count
-    if not images:
+    if inputs is None or not is_image_batch(vectors) or len(inputs) < count:
         figure = new_figure(2.2 * count, 2.4)
         for i, (vector, value) in enumerate(zip(vectors, values)):
             ax = figure.add_subplot(1, count, i + 1)

@@ -24,5 +24,5 @@ CALLBACK_BASES = tuple(_import(name).Callback for name in PACKAGES)
 MISCONFIGURATION_ERRORS = tuple(_import(name + ".utilities.exceptions").MisconfigurationException for name in PACKAGES)
 
 
-class MisconfigurationException(*MISCONFIGURATION_ERRORS):
+class MisconfigurationException(*MISCONFIGURATION_ERRORS):  # type: ignore[misc]  # bases found at import
     """The plugin's configuration error: an instance of each installed package's `MisconfigurationException`."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence, TypedDict
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence, TypedDict
 
 import torch
 from torch import Tensor
@@ -173,10 +173,11 @@ def fisher_operator(
                              passes=passes)
 
 
-def _estimate(model: Callable, inputs: Tensor, options: dict, project: Callable[[FisherOperator, Any], Any],
+def _estimate(model: Callable, inputs: Tensor, given: Mapping[str, Any], project: Callable[[FisherOperator, Any], Any],
               method: Optional[str] = None, table: dict[str, Method] = METHODS) -> Any:
     """The one core of the functional API: `project(op, result)` of `method`'s algorithm in `table` (None: no
     algorithm, result None) on the guarded operator of (model, inputs), after every option is checked by name."""
+    options = dict(given)
     operator_options = {name: options.pop(name) for name in OPERATOR_OPTIONS if name in options}
     if method is None:
         if options:
@@ -398,7 +399,8 @@ def robust_distances(model: Callable, inputs: Tensor, norms: Sequence[Norm], *, 
 
 
 def _robust(model: Callable, inputs: Tensor, norms: Sequence[Norm], line_steps: int, bounds: object,
-            chunk_size: Optional[int], candidates: Optional[int], options: dict) -> tuple[dict[str, Tensor], Tensor]:
+            chunk_size: Optional[int], candidates: Optional[int],
+            options: Mapping[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
     """The distances in each of `norms` and the predicted classes."""
     bounds = _check_distance_options(norms, line_steps, bounds, chunk_size, candidates)
     return _estimate(model, inputs, options, lambda op, _: (

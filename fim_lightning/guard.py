@@ -21,6 +21,7 @@ import os
 import sys
 import warnings
 from contextlib import ExitStack, contextmanager
+from types import FrameType
 from typing import Callable, Iterator, Literal, Optional
 
 import torch
@@ -33,7 +34,7 @@ from fim_lightning.normalisation import elementary_normalisation
 Mode = Literal["eval", "train"]
 
 
-def _cuda_devices(model: Callable, tensors: tuple[Tensor, ...]) -> list[int]:
+def _cuda_devices(model: Optional[Callable], tensors: tuple[Tensor, ...]) -> list[int]:
     found = {t.device.index for t in tensors if isinstance(t, Tensor) and t.is_cuda}
     if isinstance(model, nn.Module):
         found |= {p.device.index for p in model.parameters() if p.is_cuda}
@@ -44,7 +45,8 @@ def user_stacklevel() -> int:
     """The stacklevel of the first frame outside this package and contextlib, so warnings point at user code."""
     internal = (os.path.dirname(__file__), os.path.dirname(contextlib.__file__) + os.sep + "contextlib",
                 os.path.dirname(nn.modules.module.__file__))
-    frame, level = sys._getframe(1), 1
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1
     return level
@@ -118,7 +120,7 @@ class ForwardPasses:
 
     def run(self, forward: Callable[[Tensor], object], x: Tensor, record: bool = False) -> object:
         """forward(x); in train mode from the recorded RNG state, recording the batch statistics if `record`."""
-        if not self.train:
+        if self._rng is None:  # eval mode: nothing recorded, nothing replayed
             return forward(x)
         torch.set_rng_state(self._rng[0])
         for device, state in zip(self._devices, self._rng[1]):
@@ -146,8 +148,10 @@ def _precision_settings() -> list:
     """(owner, attribute, IEEE value) of every float32 precision flag of torch's backends."""
     backends = torch.backends
     if _PER_OPERATOR_PRECISION:
-        owners = [backends.cuda.matmul, backends.cudnn.conv, backends.cudnn.rnn, backends.mkldnn.matmul,
-                  backends.mkldnn.conv, getattr(backends.mkldnn, "rnn", None)]
+        # getattr: the per-operator owners are newer than torch's type annotations
+        owners = [getattr(owner, name, None) for owner, name in ((backends.cuda, "matmul"), (backends.cudnn, "conv"),
+                  (backends.cudnn, "rnn"), (backends.mkldnn, "matmul"), (backends.mkldnn, "conv"),
+                  (backends.mkldnn, "rnn"))]
         return [(owner, "fp32_precision", "ieee") for owner in owners if owner is not None]
     return [(backends.cuda.matmul, "allow_tf32", False), (backends.cudnn, "allow_tf32", False)]
 

@@ -79,7 +79,7 @@ class FisherSpectralNorm(Metric):
         self.values.append(values.to(torch.float32))
 
     def compute(self) -> Tensor:
-        values = self.values  # a list before a sync, the concatenated tensor after
+        values: Any = self.values  # a list before a sync, the concatenated tensor after
         if isinstance(values, list):
             values = dim_zero_cat(values) if values else torch.zeros(0)
         return reduce_values(values, self.reduction)

@@ -6,7 +6,7 @@ Each is written once as a mixin (`ImageClassifierSteps`, `FisherRegularizedSteps
 (`fim_lightning.flavours` says why)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -15,8 +15,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fim_lightning.validation import check_int
 
+# The mixins are completed by a package's LightningModule (below, and in `unified`): type-checked as one.
+if TYPE_CHECKING:
+    _Module = pl.LightningModule
+else:
+    _Module = object
 
-class ImageClassifierSteps:
+
+class ImageClassifierSteps(_Module):
     """Wraps any classifier `net` (pixels in [0, 1] -> logits) with cross-entropy training.
 
     Args:
@@ -78,7 +84,7 @@ class ImageClassifierSteps:
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
 
-class FisherRegularizedSteps:
+class FisherRegularizedSteps(_Module):
     """Cross-entropy plus a penalty on the training batch; logs `train/ce` and `train/fisher_penalty`.
 
     `penalty` is any module called as `penalty(net, x, step=..., logits=...)`: a `FisherPenalty` or

@@ -70,10 +70,10 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     shape = (1, -1, *([1] * (input.ndim - 2)))
-    if training or running_mean is None:
+    if training or running_mean is None or running_var is None:
         dims = [0, *range(2, input.ndim)]
         y, mean, var = _normalise(input, dims, eps)
-        if training and running_mean is not None:
+        if training and running_mean is not None and running_var is not None:
             _update_running(running_mean, running_var, mean.flatten(), var.flatten(), input.numel() // input.shape[1],
                             momentum)
     else:
@@ -85,9 +85,9 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     shape = (1, -1, *([1] * (input.ndim - 2)))
-    if use_input_stats or running_mean is None:
+    if use_input_stats or running_mean is None or running_var is None:
         y, mean, var = _normalise(input, list(range(2, input.ndim)), eps)
-        if running_mean is not None:
+        if running_mean is not None and running_var is not None:
             _update_running(running_mean, running_var, mean.flatten(1).mean(0), var.flatten(1).mean(0),
                             input[0, 0].numel(), momentum)
     else:

@@ -12,7 +12,7 @@ model returns is adapted and checked by `outputs`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -185,9 +185,8 @@ class FisherOperator(PerSampleOperator):
     @property
     def logits(self) -> Tensor:
         """z(x_i), (B, C), in the model dtype."""
-        if self._logits is None:
-            self._record(*self._logits_and_scores(self.inputs))
-        return self._logits
+        self.check_output()
+        return cast(Tensor, self._logits)  # recorded by the check
 
     @property
     def log_probs(self) -> Tensor:
@@ -212,7 +211,9 @@ class FisherOperator(PerSampleOperator):
 
     def _reverse(self) -> Callable:
         if self._vjp_fn is None:
-            logits, self._vjp_fn, scores = torch.func.vjp(self._logits_and_scores, self.inputs, has_aux=True)
+            # has_aux=True returns (output, vjp_fn, aux): torch's annotations list two
+            logits, self._vjp_fn, scores = torch.func.vjp(  # type: ignore[misc]
+                self._logits_and_scores, self.inputs, has_aux=True)
             if self._logits is None:
                 self._record(logits, scores)
         return self._vjp_fn
@@ -220,7 +221,7 @@ class FisherOperator(PerSampleOperator):
     def jvp(self, tangents: Tensor) -> Tensor:
         """J v per sample: (B, ...) -> (B, C), forward mode; the first call also records z(x)."""
         try:
-            logits, tangent, scores = torch.func.jvp(
+            logits, tangent, scores = torch.func.jvp(  # type: ignore[misc]  # has_aux: three values
                 self._logits_and_scores, (self.inputs,), (tangents.to(self.inputs.dtype),), has_aux=True
             )
         except NotImplementedError as error:

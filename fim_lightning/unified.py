@@ -18,9 +18,11 @@ from fim_lightning.module import FisherRegularizedSteps, ImageClassifierSteps
 __all__ = ["FisherRegularizedClassifier", "FisherRobustnessCallback", "ImageClassifier"]
 
 
-class ImageClassifier(ImageClassifierSteps, L.LightningModule):
+# The mixins are type-checked against pytorch_lightning's LightningModule; lightning.pytorch's is its twin, whose
+# members the checker cannot tell are the same.
+class ImageClassifier(ImageClassifierSteps, L.LightningModule):  # type: ignore[misc]
     __doc__ = ImageClassifierSteps.__doc__
 
 
-class FisherRegularizedClassifier(FisherRegularizedSteps, ImageClassifier):
+class FisherRegularizedClassifier(FisherRegularizedSteps, ImageClassifier):  # type: ignore[misc]
     __doc__ = FisherRegularizedSteps.__doc__

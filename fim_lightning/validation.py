@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Literal, Optional, overload
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
@@ -16,6 +16,14 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+@overload
+def check_int(name: str, value: Any, minimum: Optional[int] = None, allow_none: Literal[False] = False) -> int: ...
+
+
+@overload
+def check_int(name: str, value: Any, minimum: Optional[int] = None, *, allow_none: bool) -> Optional[int]: ...
 
 
 def check_int(name: str, value: Any, minimum: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
@@ -49,6 +57,14 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     return value
+
+
+@overload
+def check_str(name: str, value: Any, allow_none: Literal[False] = False) -> str: ...
+
+
+@overload
+def check_str(name: str, value: Any, allow_none: bool) -> Optional[str]: ...
 
 
 def check_str(name: str, value: Any, allow_none: bool = False) -> Optional[str]:

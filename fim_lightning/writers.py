@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
@@ -80,7 +80,7 @@ class WandbMedia(FigureWriter):
 
         history = snapshot.history
         media = {
-            f"{snapshot.prefix}/spectral_norm/histogram": wandb.Histogram(snapshot.spectral_norm.double().numpy()),
+            f"{snapshot.prefix}/spectral_norm/histogram": wandb.Histogram(snapshot.spectral_norm.double().tolist()),
             f"{snapshot.prefix}/curves": wandb.plot.line_series(
                 xs=[record["step"] for record in history],
                 ys=[[record[key] for record in history] for key in snapshot.curve_keys],
@@ -173,6 +173,7 @@ def figure_writer(logger: Logger) -> FigureWriter:
 
 def write(trainer: pl.Trainer, snapshot: Snapshot, event: str) -> None:
     """Call `event` ("on_score" / "on_end") of every logger's writer (PNG files when there is no logger)."""
-    for logger in trainer.loggers or [None]:
+    loggers: list[Optional[Logger]] = list(trainer.loggers) or [None]
+    for logger in loggers:
         writer = DEFAULT_WRITER if logger is None else figure_writer(logger)
         getattr(writer, event)(logger, trainer, snapshot)

@@ -88,9 +88,9 @@ def fisher_spectral_bound(model: nn.Module, inputs: Optional[Tensor] = None,
                           input_shape: Optional[tuple[int, ...]] = None) -> SpectralBound:
     """An upper bound on lambda_max(F(x)): per sample with `inputs` (lambda_max(M(p)) prod_l |J_l(x)|^2),
     else the global L^2 / 2 (every factor a Lipschitz constant; attention then raises)."""
-    if inputs is None and input_shape is None:
-        raise ValueError("give inputs (a per-sample bound) or input_shape (a global bound)")
     if inputs is None:
+        if input_shape is None:
+            raise ValueError("give inputs (a per-sample bound) or input_shape (a global bound)")
         parameter = next(model.parameters(), None)
         dtype = parameter.dtype if parameter is not None else torch.float32
         _, layers = lipschitz_layers(model, torch.zeros((1, *input_shape), dtype=dtype), local=False)

@@ -3,7 +3,7 @@ and dot-product attention (formulas in `fim_lightning.bounds`)."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +60,7 @@ def _batchnorm(layer: nn.modules.batchnorm._BatchNorm, input_shape: tuple[int, .
     return scale.abs().max().item()
 
 
-def _max_pool(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
+def _max_pool(layer: Any, input_shape: tuple[int, ...]) -> float:
     kernel, stride = layer.kernel_size, layer.stride
     kernel = kernel if isinstance(kernel, int) else max(kernel)
     stride = stride if isinstance(stride, int) else min(stride)
@@ -68,7 +68,7 @@ def _max_pool(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
     return math.sqrt(overlap ** (2 if isinstance(layer, nn.MaxPool2d) else 1))
 
 
-LayerBound = Callable[[nn.Module, tuple[int, ...]], float]
+LayerBound = Callable[[Any, tuple[int, ...]], float]  # each registered for its own layer class
 
 
 def constant_bound(value: float) -> LayerBound:
@@ -76,22 +76,23 @@ def constant_bound(value: float) -> LayerBound:
     return lambda layer, input_shape: value
 
 
-def _layer_scale(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
+def _layer_scale(layer: Any, input_shape: tuple[int, ...]) -> float:
     return layer.gamma.detach().abs().max().item()
 
 
 LAYER_BOUNDS = Registry("layer")
-for _key, _bound in {
+_KNOWN: dict[Key, LayerBound] = {
     **{kind: linear_operator_norm for kind in _LINEAR_MAPS},
     nn.modules.batchnorm._BatchNorm: _batchnorm,
-    nn.LeakyReLU: lambda layer, shape: max(1.0, abs(layer.negative_slope)),
+    nn.LeakyReLU: lambda layer, shape: max(1.0, abs(float(layer.negative_slope))),
     nn.MaxPool1d: _max_pool,
     nn.MaxPool2d: _max_pool,
     "timm.layers.layer_scale.LayerScale": _layer_scale,
     "timm.models.vision_transformer.LayerScale": _layer_scale,  # older timm
     "timm.layers.drop.DropPath": constant_bound(1.0),  # the identity in eval mode
     **{kind: constant_bound(constant) for kind, constant in _ACTIVATION_CONSTANTS.items()},
-}.items():
+}
+for _key, _bound in _KNOWN.items():
     LAYER_BOUNDS.register(_key, _bound)
 
 
