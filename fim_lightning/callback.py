@@ -19,7 +19,8 @@ from typing_extensions import override
 
 from fim_lightning import writers
 from fim_lightning.flavours import CALLBACK_BASES, MISCONFIGURATION_ERRORS, MisconfigurationException
-from fim_lightning.functional import METHODS, SpectralMethod, check_estimator_options, fisher_operator, fisher_scores
+from fim_lightning.functional import (METHODS, SpectralMethod, check_estimator_options, fisher_operator,
+                                      fisher_scores, robust_distances)
 from fim_lightning.guard import forked_rng, preserved_state
 from fim_lightning.outputs import OUTPUT_KINDS, OutputKind, as_class_scores
 from fim_lightning.reductions import SUMMARY, summarize
@@ -710,13 +711,13 @@ class FisherRobustnessCallback(*CALLBACK_BASES):  # type: ignore[misc]  # each i
         for start in range(0, len(share), self.batch_size):
             chunk = share[start: start + self.batch_size].to(pl_module.device)
             model = self._scored_model(pl_module)
-            norms = cast(tuple[Norm, ...], tuple(self.eps)) if labels is not None else ()
-            scores = fisher_scores(model, chunk, self.method, output=self.output, mode="eval", norms=norms,
-                                   line_steps=self.line_steps, bounds=self.input_bounds, **options)
+            scores = fisher_scores(model, chunk, self.method, output=self.output, mode="eval", **options)
             column = [scores.spectral_norm, scores.trace, scores.radius]
-            if labels is not None:
+            if labels is not None:  # its own operator: on the scores' one, FSDP2 training failed after (issue 25)
+                distances = robust_distances(model, chunk, cast(tuple[Norm, ...], tuple(self.eps)),
+                                             output=self.output, mode="eval", line_steps=self.line_steps,
+                                             bounds=self.input_bounds)
                 correct = scores.prediction == labels[start: start + self.batch_size].to(scores.prediction.device)
-                distances = cast(dict[str, Tensor], scores.distances)  # asked for with norms=
                 column += [correct.to(torch.float64), *(distances[norm] for norm in self.eps)]
             if self._merges_classes:
                 merged = scores.neglected_mass  # None where top_k keeps every class

@@ -48,21 +48,6 @@ def test_linear_model_distance_is_the_closed_form_and_its_point_is_on_the_bounda
                           torch.ones(16, dtype=torch.float64))
 
 
-def test_fisher_scores_carries_the_closed_form_distances_beside_the_spectral_norm():
-    """The callback's route: one `fisher_scores` call gives the distances of both norms (on the same operator as
-    lambda_max), each the linear model's closed form, and lambda_max that of F = W^T M W."""
-    model = _linear()
-    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    scores = fl.fisher_scores(model, x, norms=("l2", "linf"))
-    for norm in ("l2", "linf"):
-        torch.testing.assert_close(scores.distances[norm], _closed_form(model, x, norm), rtol=2e-4, atol=0)
-    p = model(x).softmax(1).detach()
-    w = model.weight.detach()
-    dense = torch.stack([torch.linalg.eigvalsh(w.T @ (torch.diag(q) - torch.outer(q, q)) @ w)[-1] for q in p])
-    torch.testing.assert_close(scores.spectral_norm, dense, rtol=1e-10, atol=1e-12)
-    assert fl.fisher_scores(model, x).distances is None
-
-
 def test_linear_model_robust_accuracy_is_the_closed_form():
     model = _linear()
     x = torch.randn(64, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
