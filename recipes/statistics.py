@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats
 
@@ -39,48 +40,49 @@ def read_table(paths: Iterable[Path]) -> Table:
 
     Each file is read once: paths are resolved (overlapping folders cannot count a run twice) and a file whose
     bytes equal one already read (a `scores.csv` copied under another run folder) is skipped with a warning.
-    Rows are deduplicated by run and sample identity (`META`, split, index): the shards of one run (files under
-    `<run>/shards/`) may repeat a sample, as distributed samplers pad. One run and stage keep one evaluation:
-    where fim-evaluate scored a fim-train run again (`<run>/evaluate/`), the newest evaluation replaces the older
-    rows, with a warning. Files may have different columns (a run without attacks has no attack columns):
-    missing cells are empty (NaN). A file that is not a well-formed CSV, or a text cell in a numeric column,
-    raises a `ValueError` that names the file (and the column). Every row carries its run folder as `run`."""
-    rows: list[dict[str, str]] = []
-    names: dict[str, None] = {}
-    seen: set[tuple] = set()
+    One run and stage keep one evaluation: where fim-evaluate scored a fim-train run again (`<run>/evaluate/`),
+    the newest evaluation replaces the older rows, with a warning. Within it, rows are deduplicated by run and
+    sample identity (`META`, split, index): the shards of one run (files under `<run>/shards/`) may repeat a
+    sample, as distributed samplers pad. Files may have different columns (a run without attacks has no attack
+    columns): missing cells are empty (NaN). A file that is not a well-formed CSV, or a text cell in a numeric
+    column, raises a `ValueError` that names the file (and the column). Every row carries its run folder as
+    `run`. pandas concatenates, picks the newest evaluation and deduplicates; the csv module reads each file,
+    as it refuses short rows, which pandas pads."""
+    frames: list[pd.DataFrame] = []
     contents: dict[str, Path] = {}
-    sources: dict[tuple[str, str], dict[Path, float]] = {}
     for path in dict.fromkeys(Path(p).resolve() for p in paths):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest in contents:
             warnings.warn(f"{path} is a copy of {contents[digest]}: counted once", stacklevel=2)
             continue
         contents[digest] = path
-        file_rows = _read_csv(path)
-        _check_numbers(path, file_rows)
-        run = str(run_folder(path))
+        frame = _read_csv(path)
+        _check_numbers(path, frame)
         source = path.parent if path.parent.parent.name == "shards" else path
-        for row in file_rows:
-            key = (run, *(row.get(name) for name in (*META, "split", "index")))
-            if key in seen and row.get("index") is not None:
-                continue
-            seen.add(key)
-            rows.append({**row, "run": run, "_source": source})
-            sources.setdefault((run, row.get("stage", "")), {})[source] = path.stat().st_mtime
-        names.update(dict.fromkeys(file_rows[0] if file_rows else []))
-    newest = {key: max(found, key=found.get) for key, found in sources.items()}
-    for (run, stage), found in sources.items():
-        if len(found) > 1:
-            warnings.warn(f"{run} [{stage}] was evaluated {len(found)} times ({', '.join(map(str, found))}): "
-                          f"the newest, {newest[run, stage]}, is used", stacklevel=2)
-    rows = [row for row in rows if row.pop("_source") == newest[row["run"], row.get("stage", "")]]
-    if not rows:
+        frames.append(frame.assign(run=str(run_folder(path)), _source=str(source), _mtime=path.stat().st_mtime))
+    rows = pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame()
+    if rows.empty:
         raise FileNotFoundError("no rows: the evaluation CSV files are missing or empty")
+    names = [name for name in rows.columns if name not in ("run", "_source", "_mtime")] + ["run"]
+    rows[names] = rows[names].fillna("")
+    rows["_stage"] = rows["stage"] if "stage" in rows else ""
+    sources = rows.groupby(["run", "_stage", "_source"], sort=False)["_mtime"].max()
+    newest = {}
+    for (run, stage), found in sources.groupby(level=[0, 1], sort=False):
+        newest[run, stage] = found.idxmax()[2]
+        if len(found) > 1:
+            warnings.warn(f"{run} [{stage}] was evaluated {len(found)} times "
+                          f"({', '.join(found.index.get_level_values(2))}): the newest, {newest[run, stage]}, is used",
+                          stacklevel=2)
+    rows = rows[[newest[key] == source for key, source in zip(zip(rows["run"], rows["_stage"]), rows["_source"])]]
+    if "index" in rows:  # a row without a sample index is never a duplicate
+        identity = [name for name in ("run", *META, "split", "index") if name in rows]
+        rows = rows[~(rows.duplicated(identity) & (rows["index"] != ""))]
     table: Table = {}
-    for name in [*names, "run"]:
-        values = [row.get(name, "") for row in rows]
+    for name in names:
+        values = rows[name].to_numpy(dtype=str)
         if name in TEXT_COLUMNS or not all(v == "" or _is_number(v) for v in values):
-            table[name] = np.array(values)
+            table[name] = values
             continue
         table[name] = np.array([float(v) if v != "" else np.nan for v in values])
     return table
@@ -94,18 +96,18 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _check_numbers(path: Path, rows: list[dict[str, str]]) -> None:
+def _check_numbers(path: Path, frame: pd.DataFrame) -> None:
     """A column (outside `TEXT_COLUMNS`) that holds numbers holds only numbers or empty cells, else a
     `ValueError` naming the file, the line and the column."""
-    for name in rows[0] if rows else []:
+    for name in frame.columns:
         if name in TEXT_COLUMNS:
             continue
-        kinds = [(number, row[name], _is_number(row[name])) for number, row in enumerate(rows, start=2) if row[name]]
-        if any(numeric for _, _, numeric in kinds):
-            line, value, _ = next((entry for entry in kinds if not entry[2]), (None, None, None))
-            if line is not None:
-                raise ValueError(f"{path}: line {line}, column {name!r} holds the text {value!r} where a number "
-                                 "belongs (a damaged or hand-edited file)")
+        cells = frame[name][frame[name] != ""]
+        numeric = cells.map(_is_number).astype(bool)
+        if numeric.any() and not numeric.all():
+            position = numeric.to_numpy().argmin()
+            raise ValueError(f"{path}: line {cells.index[position] + 2}, column {name!r} holds the text "
+                             f"{cells.iloc[position]!r} where a number belongs (a damaged or hand-edited file)")
 
 
 def run_folder(path: Path) -> Path:
@@ -117,8 +119,8 @@ def run_folder(path: Path) -> Path:
     return folder
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    """The rows of one CSV file, or a `ValueError` naming the file and what is wrong with it."""
+def _read_csv(path: Path) -> pd.DataFrame:
+    """The rows of one CSV file as text cells, or a `ValueError` naming the file and what is wrong with it."""
     try:
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle)
@@ -132,7 +134,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         if None in row or any(value is None for value in row.values()):
             raise ValueError(f"{path}: line {number} does not have the header's {len(header)} fields (truncated "
                              "or ragged file)")
-    return rows
+    return pd.DataFrame(rows, columns=header, dtype=object)
 
 
 def write_table(table: Table, path: Path) -> Path:
@@ -159,9 +161,9 @@ def select(table: Table, mask: np.ndarray) -> Table:
 
 
 def groups(table: Table, by: Sequence[str]) -> dict[tuple, Table]:
-    """Sub-tables keyed by the values of the `by` columns, in order of first appearance."""
-    keys = list(zip(*(table[name] for name in by)))
-    return {key: select(table, np.array([k == key for k in keys])) for key in dict.fromkeys(keys)}
+    """Sub-tables keyed by the values of the `by` columns, in order of first appearance (pandas' groupby)."""
+    keyed = pd.DataFrame({name: table[name] for name in by}).groupby(list(by), sort=False, dropna=False).indices
+    return {key if isinstance(key, tuple) else (key,): select(table, rows) for key, rows in keyed.items()}
 
 
 def correlation(x: np.ndarray, y: np.ndarray, method: str = "spearman") -> float:
@@ -298,6 +300,17 @@ def model_summaries(table: Table, by: Sequence[str] = ("model", "regularizer", "
     return rows
 
 
+def _percentile_interval(draws: Sequence[float]) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap draws, leaving out the degenerate ones (NaN: a resample of a few
+    runs with one value repeated has no rank correlation). scipy.stats.bootstrap's percentile interval would be
+    NaN as soon as one draw is, which with 4 runs is about 1 draw in 64."""
+    finite = np.asarray(draws, dtype=float)
+    if not np.isfinite(finite).any():
+        return float("nan"), float("nan")
+    low, high = np.nanpercentile(finite, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def model_correlations(summaries: list[dict], scores: Sequence[str], outcomes: Sequence[str],
                        by: Sequence[str] = ("model", "regularizer", "stage"), draws: int = 1000,
                        seed: int = 0) -> list[dict]:
@@ -318,9 +331,8 @@ def model_correlations(summaries: list[dict], scores: Sequence[str], outcomes: S
             for method in ("spearman", "kendall"):
                 boot = [correlation(*means([[rs[i] for i in rng.integers(len(rs), size=len(rs))] for rs in runs]),
                                     method) for _ in range(draws)]
-                low, high = np.nanpercentile(boot, [2.5, 97.5]) if np.isfinite(boot).any() and not single \
-                    else (np.nan, np.nan)
-                row[method] = (correlation(*means(runs), method), float(low), float(high))
+                low, high = (np.nan, np.nan) if single else _percentile_interval(boot)
+                row[method] = (correlation(*means(runs), method), low, high)
             results.append(row)
     return results
 
@@ -341,8 +353,7 @@ def run_correlations(summaries: list[dict], scores: Sequence[str], outcomes: Seq
             for method in ("spearman", "kendall"):
                 boot = [correlation(*values[rng.integers(len(values), size=len(values))].T, method)
                         for _ in range(draws)]
-                low, high = np.nanpercentile(boot, [2.5, 97.5])
-                row[method] = (correlation(*values.T, method), float(low), float(high))
+                row[method] = (correlation(*values.T, method), *_percentile_interval(boot))
             results.append(row)
     return results
 

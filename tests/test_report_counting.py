@@ -72,6 +72,20 @@ def test_a_re_evaluation_replaces_the_runs_older_rows(tmp_path):
     assert set(table["run"]) == {str(run.resolve())}
 
 
+def test_a_re_evaluation_of_the_same_samples_replaces_their_values(tmp_path):
+    """fim-evaluate scoring the same test samples again: the newer values are the ones read (the samples'
+    identities repeat, so deduplication must not keep the older rows), with the warning."""
+    run = _run(tmp_path / "job", _rows(30))
+    os.utime(run / "scores.csv", (1, 1))  # older
+    newer = _rows(30)
+    newer["radius"] = np.full(30, 7.0)
+    (run / "evaluate").mkdir()
+    statistics.write_table(newer, run / "evaluate" / "scores.csv")
+    with pytest.warns(UserWarning, match="evaluated 2 times"):
+        table = statistics.read_table([run / "scores.csv", run / "evaluate" / "scores.csv"])
+    assert len(table["index"]) == 30 and (table["radius"] == 7.0).all()
+
+
 def test_a_seed_counts_only_where_it_has_the_column_and_three_usable_samples(tmp_path):
     runs = [_run(tmp_path / "s0", _rows(30, seed=0)),
             _run(tmp_path / "s1", _rows(30, seed=1, columns=("lambda_max",))),  # no radius column
