@@ -191,7 +191,9 @@ def evaluate(cpu: bool, out: Path) -> dict:
     if not sample.is_dir():
         return {"skipped": f"no ImageNet sample at {sample} (set FIM_DATA_DIR to a folder holding imagenet_sample/)"}
     command = ["fim-evaluate", "experiment=imagenet_scale", f"trainer={'cpu' if cpu else 'gpu'}",
-               f"hydra.run.dir={out / 'evaluate'}", "evaluation.pgd_steps=2", "evaluation.minimal_search_steps=2"]
+               f"hydra.run.dir={out / 'evaluate'}", "evaluation.columns.pgd_linf.steps=2",
+               "evaluation.columns.pgd_l2.steps=2", "evaluation.columns.minimal_perturbation.search_steps=2",
+               "evaluation.columns.minimal_perturbation.steps=2"]
     if cpu:
         command += ["evaluate.num_samples=4", "data.image_size=64"]
     start = time.perf_counter()

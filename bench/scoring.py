@@ -51,11 +51,9 @@ def cifar_module():
 
 
 def fisher_only(batch_size: int = 100, top_k=None):
-    from recipes.evaluation import RobustnessEvaluation
+    from recipes.evaluation import FisherColumns, RobustnessEvaluation
 
-    return RobustnessEvaluation(batch_size=batch_size, top_k=top_k, blackbox_queries=None, bound=False,
-                                clever_samples=0, pgd_linf_eps=None, pgd_l2_eps=None, cw_steps=0,
-                                minimal_search_steps=0, minimal_deepfool=False, progress=False)
+    return RobustnessEvaluation(FisherColumns(top_k=top_k), batch_size=batch_size, progress=False)
 
 
 def run_memory(samples: int, way: str, out: Path) -> dict:

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import fim_lightning as fl
-from recipes.evaluation import RobustnessEvaluation
+from recipes.evaluation import (BlackBoxColumn, BoundColumn, CleverColumn, FisherColumns, MinimalPerturbationColumn,
+                                PGDColumn, RobustnessEvaluation)
 from tests.conftest import make_cnn
 from tests.test_attacks import _multiclass_linear
 
@@ -15,8 +16,11 @@ def test_columns_of_a_linear_model_match_their_closed_forms():
     labels = top.clone()
     labels[:5] = (labels[:5] + 1) % 4  # five misclassified samples
     rng = torch.get_rng_state()
-    table = RobustnessEvaluation(batch_size=8, blackbox_queries=13, clever_samples=2, clever_radius=2.0,
-                                 pgd_steps=40, cw_steps=0, minimal_search_steps=12, progress=False)(model, x, labels)
+    columns = {"blackbox": BlackBoxColumn(queries=13), "bound": BoundColumn(),
+               "pgd_linf": PGDColumn("linf", 8 / 255, steps=40), "pgd_l2": PGDColumn("l2", 0.5, steps=40),
+               "minimal_perturbation": MinimalPerturbationColumn(search_steps=12, steps=40),
+               "clever": CleverColumn(samples=2, radius=2.0)}
+    table = RobustnessEvaluation(columns=columns, batch_size=8, progress=False)(model, x, labels)
     assert torch.equal(torch.get_rng_state(), rng)
     w, xd = model.weight.detach().double(), x.double()
     p = (xd @ w.T).softmax(-1)
@@ -54,9 +58,7 @@ def test_columns_of_a_linear_model_match_their_closed_forms():
 def test_top_k_reports_the_merged_mass_and_stays_a_lower_bound():
     model = make_cnn(classes=10)
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    evaluation = RobustnessEvaluation(top_k=3, blackbox_queries=None, bound=False, clever_samples=0,
-                                      pgd_linf_eps=None, pgd_l2_eps=None, cw_steps=0, minimal_search_steps=0,
-                                      minimal_deepfool=False, progress=False)
+    evaluation = RobustnessEvaluation(FisherColumns(top_k=3), progress=False)
     with pytest.warns(RuntimeWarning, match=r"top_k=3 merged .* lower bound"):
         table = evaluation(model, x, torch.zeros(4, dtype=torch.long))
     full = fl.fisher_spectral_norm(model, x).numpy()

@@ -61,8 +61,9 @@ def _run(module, *args, cwd):
     return out.stdout
 
 
-CHEAP = ["evaluation=default", "evaluate.num_samples=24", "evaluation.clever_samples=2", "evaluation.cw_steps=5",
-         "evaluation.minimal_search_steps=4", "evaluation.blackbox_queries=33", "evaluation.progress=false",
+CHEAP = ["evaluation=default", "evaluate.num_samples=24", "evaluation.columns.clever.samples=2",
+         "evaluation.columns.cw.steps=5", "evaluation.columns.minimal_perturbation.search_steps=4",
+         "evaluation.columns.blackbox.queries=33", "evaluation.progress=false",
          "+trainer.enable_progress_bar=false", "trainer.max_epochs=1", "logger=csv"]
 
 

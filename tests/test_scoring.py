@@ -12,7 +12,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from recipes.evaluation import RobustnessEvaluation
+from recipes.evaluation import (BlackBoxColumn, CleverColumn, MinimalPerturbationColumn, PGDColumn,
+                                RobustnessEvaluation)
 from recipes.statistics import read_table, write_table
 from recipes.report import score_files
 from recipes.scoring import (ScoringDataModule, ScoringModule, ShardWriter, merge_shards, score_split,
@@ -33,9 +34,11 @@ class BlobImages(pl.LightningDataModule):
 
 def evaluation():
     """Every column whose value could depend on the batch: black-box probes, PGD random starts, CLEVER."""
-    return RobustnessEvaluation(batch_size=4, blackbox_queries=9, bound=False, clever_samples=3, clever_radius=0.5,
-                                pgd_linf_eps=0.1, pgd_l2_eps=0.5, pgd_steps=3, cw_steps=0, minimal_search_steps=2,
-                                minimal_deepfool=True, progress=False)
+    columns = {"blackbox": BlackBoxColumn(queries=9), "pgd_linf": PGDColumn("linf", 0.1, steps=3),
+               "pgd_l2": PGDColumn("l2", 0.5, steps=3),
+               "minimal_perturbation": MinimalPerturbationColumn(search_steps=2, steps=3),
+               "clever": CleverColumn(samples=3, radius=0.5)}
+    return RobustnessEvaluation(columns=columns, batch_size=4, progress=False)
 
 
 def score(folder, callbacks=(), **kwargs):
@@ -66,7 +69,7 @@ def test_one_process_scores_every_sample_once(uninterrupted):
     assert table["index"].tolist() == list(range(N))
     assert np.isfinite(table["lambda_max"]).all() and np.isfinite(table["lambda_max_blackbox"]).all()
     assert np.isfinite(table["clever"][:3]).all() and np.isnan(table["clever"][3:]).all()
-    reference = RobustnessEvaluation(**{**evaluation().__dict__, "model_dtype": None})
+    reference = evaluation()
     direct = reference(build_net().eval(), *[torch.stack(t) for t in zip(*[images(N, 5)[i] for i in range(N)])])
     for name in ("lambda_max", "trace", "radius", "lambda_max_blackbox", "min_perturbation", "clever"):
         np.testing.assert_allclose(table[name], direct[name], rtol=1e-5, err_msg=name)  # in-memory evaluation
@@ -79,9 +82,11 @@ def _evaluate(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
     whose value could depend on the batch: black-box probes, PGD random starts, CLEVER, DeepFool."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "recipes.evaluate", "data=digits", "model=small_cnn", "evaluate.num_samples=21",
-               "evaluation.batch_size=4", "evaluation.blackbox_queries=9", "evaluation.bound=false",
-               "evaluation.clever_samples=3", "evaluation.clever_radius=0.5", "evaluation.pgd_steps=3",
-               "evaluation.cw_steps=0", "evaluation.minimal_search_steps=2", f"hydra.run.dir={folder}",
+               "evaluation.batch_size=4", "evaluation.columns.blackbox.queries=9", "evaluation.columns.bound=null",
+               "evaluation.columns.clever.samples=3", "evaluation.columns.clever.radius=0.5",
+               "evaluation.columns.pgd_linf.steps=3", "evaluation.columns.pgd_l2.steps=3", "evaluation.columns.cw=null",
+               "evaluation.columns.minimal_perturbation.search_steps=2",
+               "evaluation.columns.minimal_perturbation.steps=3", f"hydra.run.dir={folder}",
                "+trainer.enable_progress_bar=false", *overrides]
     return subprocess.run(command, cwd=folder.parent, env=env, capture_output=True, text=True, timeout=600)
 
