@@ -10,6 +10,7 @@ from fim_lightning.blackbox import (
 from fim_lightning.bounds import SpectralBound, fisher_spectral_bound
 from fim_lightning.callback import FisherRobustnessCallback
 from fim_lightning.functional import (
+    DistanceOptions,
     EstimatorOptions,
     OperatorOptions,
     estimated_minimal_perturbation,
@@ -49,6 +50,7 @@ __all__ = [
     "FisherWorstDirectionPenalty",
     "SpectralBound",
     "FisherScores",
+    "DistanceOptions",
     "EstimatorOptions",
     "OperatorOptions",
     "TopEigenpair",

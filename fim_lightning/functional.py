@@ -382,39 +382,52 @@ def fisher_scores(
 
 
 # -- the robustness estimate (`fim_lightning.robustness`): the distances alone, no spectral method --
-def robust_distances(model: Callable, inputs: Tensor, norms: Sequence[Norm], *, line_steps: int = 8,
-                     bounds: Optional[tuple[float, float]] = None, chunk_size: Optional[int] = None,
-                     candidates: Optional[int] = None, **options: Unpack[OperatorOptions]) -> dict[str, Tensor]:
-    """`estimated_minimal_perturbation` in each of `norms`, sharing one forward pass and the C - 1 VJPs (the same
-    options)."""
-    return _robust(model, inputs, norms, line_steps, bounds, chunk_size, candidates, options)[0]
+class DistanceOptions(OperatorOptions, total=False):
+    """`OperatorOptions` and those of the robustness estimate.
+
+    Attributes:
+        line_steps: bisections of the line search (default 8; 0: the first-order step alone).
+        bounds: the box the inputs live in, e.g. (0, 1) for pixels, as attacks clip (default none).
+        chunk_size: VJPs computed at once (bounds memory).
+        candidates: the other classes considered (default: all for C <= 64, else the 32 most probable).
+    """
+
+    line_steps: int
+    bounds: Optional[tuple[float, float]]
+    chunk_size: Optional[int]
+    candidates: Optional[int]
 
 
-def _robust(model: Callable, inputs: Tensor, norms: Sequence[Norm], line_steps: int, bounds: object,
-            chunk_size: Optional[int], candidates: Optional[int],
-            options: Mapping[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
+DISTANCE_DEFAULTS = {"line_steps": 8, "bounds": None, "chunk_size": None, "candidates": None}
+
+
+def _robust(model: Callable, inputs: Tensor, norms: Sequence[Norm],
+            given: Mapping[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
     """The distances in each of `norms` and the predicted classes."""
+    unknown = set(given) - set(DistanceOptions.__annotations__) - set(OPERATOR_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; the robustness estimate takes "
+                        f"{', '.join((*OPERATOR_OPTIONS, *DISTANCE_DEFAULTS))}")
+    options = dict(given)
+    line_steps, bounds, chunk_size, candidates = (options.pop(name, default) for name, default in
+                                                  DISTANCE_DEFAULTS.items())
     bounds = _check_distance_options(norms, line_steps, bounds, chunk_size, candidates)
     return _estimate(model, inputs, options, lambda op, _: (
         _distances(op, norms, line_steps, bounds, chunk_size, candidates), op.log_probs.argmax(1)))
 
 
-def estimated_minimal_perturbation(
-    model: Callable,
-    inputs: Tensor,
-    norm: Norm = "l2",
-    *,
-    line_steps: int = 8,
-    bounds: Optional[tuple[float, float]] = None,
-    chunk_size: Optional[int] = None,
-    candidates: Optional[int] = None,
-    **options: Unpack[OperatorOptions],
-) -> Tensor:
+def robust_distances(model: Callable, inputs: Tensor, norms: Sequence[Norm],
+                     **options: Unpack[DistanceOptions]) -> dict[str, Tensor]:
+    """`estimated_minimal_perturbation` in each of `norms`, sharing one forward pass and the C - 1 VJPs."""
+    return _robust(model, inputs, norms, options)[0]
+
+
+def estimated_minimal_perturbation(model: Callable, inputs: Tensor, norm: Norm = "l2",
+                                   **options: Unpack[DistanceOptions]) -> Tensor:
     """(B,) estimated distance in `norm` ("l2" or "linf", in the units the model takes) from each sample to the
     boundary of its predicted class (`fim_lightning.robustness`): the first-order step, followed along its
-    direction to the class change with `line_steps` bisections (0: the first-order step alone), inside the box
-    `bounds` (e.g. (0, 1) for pixels, as attacks clip) when given; `candidates`: the other classes considered
-    (default: all for C <= 64, else the 32 most probable).
+    direction to the class change with `line_steps` bisections, inside the box `bounds` when given
+    (`DistanceOptions`).
 
     Examples:
         >>> import torch, fim_lightning as fl
@@ -426,8 +439,7 @@ def estimated_minimal_perturbation(
         >>> fl.estimated_minimal_perturbation(net, x, "linf")  # |x_0 - x_1| / 2
         tensor([0.4000], dtype=torch.float64)
     """
-    return robust_distances(model, inputs, (norm,), line_steps=line_steps, bounds=bounds, chunk_size=chunk_size,
-                            candidates=candidates, **options)[norm]
+    return _robust(model, inputs, (norm,), options)[0][norm]
 
 
 def estimated_robust_accuracy(
@@ -436,12 +448,7 @@ def estimated_robust_accuracy(
     labels: Tensor,
     eps: Sequence[float],
     norm: Norm = "l2",
-    *,
-    line_steps: int = 8,
-    bounds: Optional[tuple[float, float]] = None,
-    chunk_size: Optional[int] = None,
-    candidates: Optional[int] = None,
-    **options: Unpack[OperatorOptions],
+    **options: Unpack[DistanceOptions],
 ) -> Tensor:
     """(len(eps),) estimated share of samples classified correctly and keeping their class within the eps-ball
     in `norm` (pixels as the model takes them), from `estimated_minimal_perturbation` (same options).
@@ -459,6 +466,6 @@ def estimated_robust_accuracy(
     if not isinstance(labels, Tensor) or labels.shape != inputs.shape[:1] or labels.is_floating_point():
         raise ValueError(f"labels must be an integer tensor of shape ({inputs.shape[0]},), got "
                          f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
-    distances, predicted = _robust(model, inputs, (norm,), line_steps, bounds, chunk_size, candidates, options)
+    distances, predicted = _robust(model, inputs, (norm,), options)
     correct = predicted == labels.to(predicted.device)
     return robust_accuracy(distances[norm], correct & torch.isfinite(distances[norm]), radii)
