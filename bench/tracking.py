@@ -202,13 +202,15 @@ def weights_folder(data: str, name: str, seed: int, epochs: int, train: int, tra
 
 
 def _fit(data: str, name: str, seed: int, epochs: int, train: int, probes: int, train_eps: float,
-         callbacks: Callable[[torch.Tensor, torch.Tensor], list], ckpt_path: str | None = None) -> None:
-    """Train the SmallCNN in regime `name` from `seed`, with the callbacks made for the first `probes` test
-    images; Lightning's own checkpointing only where a callback asks for it."""
+         callbacks: Callable[[torch.Tensor, torch.Tensor], list], ckpt_path: str | None = None,
+         widths: tuple[int, ...] | None = None) -> None:
+    """Train the SmallCNN (its default `widths`, or these) in regime `name` from `seed`, with the callbacks made
+    for the first `probes` test images; Lightning's own checkpointing only where a callback asks for it."""
     pl.seed_everything(seed, workers=True)
     datamodule = prepared(data, train)
     x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
-    module = FisherRegularizedClassifier(SmallCNN(datamodule.in_channels, 10), 10, optimizer=OPTIMIZER,
+    net = SmallCNN(datamodule.in_channels, 10, **({"widths": widths} if widths else {}))
+    module = FisherRegularizedClassifier(net, 10, optimizer=OPTIMIZER,
                                          scheduler=cosine(epochs), **regime(name, data, train_eps))
     RESULTS.mkdir(parents=True, exist_ok=True)
     made = callbacks(x, y)
@@ -220,14 +222,18 @@ def _fit(data: str, name: str, seed: int, epochs: int, train: int, probes: int, 
 
 
 def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int,
-            train_eps: float | None = None, calibrate: bool = False) -> None:
+            train_eps: float | None = None, calibrate: bool = False, widths: tuple[int, ...] | None = None) -> None:
     train_eps = default_train_eps(data, name) if train_eps is None else train_eps
     job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
            "aa_probes": aa_probes, "train_eps": train_eps, "machine": machine()}
     if calibrate:
+        if widths:
+            job["widths"] = list(widths)
         _fit(data, name, seed, epochs, train, probes, train_eps,
-             lambda x, y: [CalibrationEvaluation(job, x, y, train_eps)])
+             lambda x, y: [CalibrationEvaluation(job, x, y, train_eps)], widths=widths)
         return
+    if widths:
+        raise SystemExit("--widths is for --calibrate only: the tracked regimes train the default SmallCNN")
     key = {k: job[k] for k in ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps")}
     done = {row["epoch"] for row in load_rows(data) if {k: row.get(k) for k in key} == key}
     if len(done) >= epochs:
@@ -282,6 +288,8 @@ def main() -> None:
                              "16/255 on CIFAR-10, else 8/255; 0.1 on Fashion-MNIST)")
     parser.add_argument("--calibrate", action="store_true", help="train only, with clean and PGD-10 accuracy at "
                                                                  "the training radius per epoch (calibration.jsonl)")
+    parser.add_argument("--widths", type=lambda text: tuple(int(w) for w in text.split(",")),
+                        help="--calibrate: the SmallCNN's widths, e.g. 64,128,256 (default 32,64,128)")
     parser.add_argument("--sweep", action="store_true", help="every job of `SWEEP` in order, each resumed or skipped")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--cost", type=int, metavar="EPOCH", help="time the estimate against PGD-20 on that epoch's "
@@ -306,7 +314,7 @@ def main() -> None:
             run_job(data, name, seed, args.epochs, args.train, args.probes, args.aa_probes)
         return
     run_job(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.aa_probes, args.train_eps,
-            args.calibrate)
+            args.calibrate, args.widths)
 
 
 if __name__ == "__main__":

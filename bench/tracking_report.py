@@ -64,15 +64,19 @@ def calibration_section(calibration: list[dict]) -> list[str]:
         return []
     runs: dict[tuple, list[dict]] = {}
     for row in calibration:
-        runs.setdefault((row["regime"], row["train_eps"], row["train"], row["epochs"], row["seed"]), []).append(row)
+        widths = "/".join(map(str, row.get("widths", (32, 64, 128))))
+        runs.setdefault((row["regime"], row["train_eps"], row["train"], row["epochs"], widths, row["seed"]),
+                        []).append(row)
     lines = ["## Calibration of the regimes (before the estimate was read): PGD-10 at the training radius\n",
-             "| regime | train eps | train images | epochs | clean first / last | PGD-10 first / best (epoch) / last | "
-             "collapse (below half the best) |", "|---|---:|---:|---:|---|---|---|"]
-    for (regime, eps, train, epochs, _), series in runs.items():
+             "| regime | train eps | train images | epochs | SmallCNN widths | clean first / last | "
+             "PGD-10 first / best (epoch) / last | collapse (below half the best) |",
+             "|---|---:|---:|---:|---|---|---|---|"]
+    for (regime, eps, train, epochs, widths, _), series in runs.items():
         pgd = [row["pgd10"] for row in series]
         best = int(np.argmax(pgd))
         collapse = _first_collapse(pgd)
-        lines.append(f"| {regime} | {eps:.4g} | {train} | {len(series)} / {epochs} | {series[0]['clean']:.3f} / "
+        lines.append(f"| {regime} | {eps:.4g} | {train} | {len(series)} / {epochs} | {widths} | "
+                     f"{series[0]['clean']:.3f} / "
                      f"{series[-1]['clean']:.3f} | {pgd[0]:.3f} / {pgd[best]:.3f} ({best}) / {pgd[-1]:.3f} | "
                      f"{collapse if collapse is not None else '-'} |")
     return lines + [""]
