@@ -21,7 +21,8 @@ from fim_lightning import writers
 from fim_lightning.flavours import CALLBACK_BASES, MISCONFIGURATION_ERRORS, MisconfigurationException
 from fim_lightning.functional import (METHODS, SpectralMethod, check_estimator_options, fisher_operator,
                                       fisher_scores, robust_distances)
-from fim_lightning.guard import forked_rng, preserved_state
+from fim_lightning.algorithms import AUTO_EXACT_CLASSES
+from fim_lightning.guard import forked_rng, is_sharded, preserved_state
 from fim_lightning.outputs import OUTPUT_KINDS, OutputKind, as_class_scores
 from fim_lightning.reductions import SUMMARY, summarize
 from fim_lightning.robustness import NORMS, Norm, check_bounds, check_eps, robust_accuracy
@@ -118,7 +119,8 @@ class FisherRobustnessCallback(*CALLBACK_BASES):  # type: ignore[misc]  # each i
     guard: module modes, BatchNorm buffers, ``.grad``, the optimizer and the global RNG are left as they were,
     under ``fit`` validation (no_grad), standalone ``validate``/``test`` (inference mode) and mixed precision
     (scores are computed in float32 or better). Under DDP each rank scores its share and the values are
-    gathered, so the logged statistics equal a single-process run on the same probes.
+    gathered, so the logged statistics equal a single-process run on the same probes. Under FSDP2, whose every
+    forward is an all-gather, the shares are padded to one length and only "exact" / "auto" (C <= 64) run.
 
     Args:
         num_samples: size of the probe set.
@@ -534,7 +536,11 @@ class FisherRobustnessCallback(*CALLBACK_BASES):  # type: ignore[misc]  # each i
         world, rank = trainer.world_size, trainer.global_rank
         share = probes[rank::world]
         share_labels = probe_labels[rank::world] if probe_labels is not None else None
-        local, vectors, predictions = self._score_share(share, pl_module, share_labels)
+        if is_sharded(self._scored_model(pl_module)):  # FSDP2: the same forward passes on every rank
+            local, vectors, predictions = self._score_sharded(probes, probe_labels, share, share_labels, world,
+                                                              pl_module)
+        else:
+            local, vectors, predictions = self._score_share(share, pl_module, share_labels)
         values = self._gather(local, len(probes), world)
         stats = {}
         for column, name in enumerate(_SCORES):
@@ -692,6 +698,31 @@ class FisherRobustnessCallback(*CALLBACK_BASES):  # type: ignore[misc]  # each i
         except Exception as error:  # never hide the exception that stopped the run
             warnings.warn(f"FisherRobustnessCallback could not write its figures after {exception!r}: {error!r}",
                           stacklevel=2)
+
+    def _score_sharded(self, probes: Tensor, labels: Optional[Tensor], share: Tensor, share_labels: Optional[Tensor],
+                       world: int, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor, Tensor]:
+        """`_score_share` for a sharded model (FSDP2), whose every forward pass is an all-gather: only the
+        methods with a fixed number of passes ("exact", and "auto" up to `AUTO_EXACT_CLASSES`), and every rank's
+        share padded (with probe 0, dropped after) to the same length, so every rank runs the same batches."""
+        classes = len(self._scores_of(pl_module, probes[:1]))
+        if self.method not in ("exact", "auto") or (self.method == "auto" and classes > AUTO_EXACT_CLASSES):
+            raise MisconfigurationException(
+                f"FisherRobustnessCallback: method={self.method!r} at {classes} classes runs a number of forward "
+                "passes that depends on the samples (it stops when they converge), and under FSDP2 every pass is "
+                "an all-gather that all ranks must join: the ranks would hang. Use method='exact' (a fixed C - 1 "
+                "VJPs; with estimator_options={'top_k': k} for many classes)")
+        missing = -(-len(probes) // world) - len(share)
+        padded = torch.cat([share, probes[:1].expand(missing, *probes.shape[1:])])
+        padded_labels = None if share_labels is None or labels is None else torch.cat(
+            [share_labels, labels[:1].expand(missing)])
+        local, vectors, predictions = self._score_share(padded, pl_module, padded_labels)
+        kept = min(len(vectors), len(share))
+        return local[: len(share)], vectors[:kept], predictions[:kept]
+
+    def _scores_of(self, pl_module: pl.LightningModule, x: Tensor) -> Tensor:
+        """The class scores of one probe (a forward pass on every rank alike)."""
+        with preserved_state(self._scored_model(pl_module), x, mode="eval"), torch.no_grad():
+            return as_class_scores(self._scored_model(pl_module)(x.to(pl_module.device)), len(x))[0]
 
     def _score_share(self, share: Tensor, pl_module: pl.LightningModule,
                      share_labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -73,6 +73,17 @@ def resolve_mode(model: Callable, mode: Optional[Mode]) -> Mode:
     return mode
 
 
+def is_sharded(model: Callable) -> bool:
+    """Whether `model` is, or holds, an FSDP2 module (`fully_shard`): each of its forward passes is then a
+    collective (an all-gather), so every rank must run the same number of them. (Its parameters are DTensors
+    only while resharded: after a forward without backward they are plain tensors.)"""
+    if not isinstance(model, nn.Module) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
 def active_dropout(model: Callable) -> list[str]:
     """Names of the dropout layers of `model` with p > 0 (they draw a random mask in train mode)."""
     if not isinstance(model, nn.Module):

@@ -17,7 +17,7 @@ from typing import Callable, Optional, cast
 import torch
 from torch import Tensor, nn
 
-from fim_lightning.guard import EVAL_PASSES, ForwardPasses
+from fim_lightning.guard import EVAL_PASSES, ForwardPasses, is_sharded
 from fim_lightning.linear_operator import PerSampleOperator
 from fim_lightning.outputs import OutputKind, as_class_scores, check_inputs, check_output_kind, check_output_values, \
     log_probs_from_output, logits_from_output, uniform_where, warn_samples
@@ -123,6 +123,8 @@ class FisherOperator(PerSampleOperator):
             raise ValueError(f"model_dtype must be torch.float32 or torch.float64 (half precision is too coarse for "
                              f"Jacobian products), got {model_dtype}")
         self._model, self._model_dtype = model, model_dtype
+        # sharded parameters (FSDP2): every forward is an all-gather, so a caller runs as many on every rank
+        self.collective = is_sharded(model)
         self.inputs = inputs.detach().to(model_dtype).contiguous()
         if self.inputs.is_inference():
             self.inputs = self.inputs.clone()

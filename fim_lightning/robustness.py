@@ -129,13 +129,15 @@ def minimal_perturbation(op: FisherOperator, norm: Norm, line_steps: int = 8, ch
         return moved if bounds is None else moved.clamp(*bounds)
 
     def changed(step: Tensor, rows: Tensor) -> Tensor:
-        """Whether x + step u is classified otherwise, evaluated on `rows` only (False elsewhere)."""
+        """Whether x + step u is classified otherwise, evaluated on `rows` only (False elsewhere); on every
+        sample for a sharded model (`op.collective`), so each rank runs the same forward passes."""
+        evaluated = torch.ones_like(rows) if op.collective else rows
         result = torch.zeros_like(rows)
-        if rows.any():
+        if evaluated.any():
             with torch.no_grad():
-                moved = op.log_probs_at(point(step)[rows])
-            result[rows] = moved.argmax(1) != top.squeeze(1)[rows]
-        return result
+                moved = op.log_probs_at(point(step)[evaluated])
+            result[evaluated] = moved.argmax(1) != top.squeeze(1)[evaluated]
+        return result & rows
 
     everyone = torch.ones_like(op.invalid)
     low, high = torch.zeros_like(first), first * (1 + _BEYOND)  # just past the first-order crossing

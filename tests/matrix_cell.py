@@ -166,12 +166,16 @@ def main() -> None:
     parser.add_argument("--penalty", default="kl", choices=sorted(PENALTIES))
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn", "fsdp2"])
     parser.add_argument("--package", default="pytorch_lightning", choices=["pytorch_lightning", "lightning.pytorch"])
+    parser.add_argument("--method", default="auto", help="the callback's method (the default a user gets)")
+    parser.add_argument("--num-samples", type=int, default=32, help="the callback's probes (its default)")
+    parser.add_argument("--batch-size", type=int, default=64, help="the callback's batch (its default)")
     parser.add_argument("--accelerator", default="cpu", help="cpu (the matrix), or cuda / gpu (bench/device_check.sh)")
     args = parser.parse_args()
     lightning = importlib.import_module(args.package)
 
     loggers = make_loggers(args.loggers.split(","), args.out, args.package)
-    callback = fl.FisherRobustnessCallback(model_attribute="net")  # the defaults a user gets, figures on
+    callback = fl.FisherRobustnessCallback(model_attribute="net", method=args.method, num_samples=args.num_samples,
+                                           batch_size=args.batch_size)  # the defaults a user gets, figures on
     strategy = "auto"
     if args.devices > 1:
         strategy = args.strategy

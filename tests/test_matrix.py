@@ -207,3 +207,35 @@ def test_cell_logs_the_reference_numbers_and_shows_the_directions(name, referenc
         check_wandb(Path(folders["WandbLogger"]), result["history"])
     if loggers == ["none"]:
         check_png_files(out / "fim")
+
+
+def _fsdp2(out: Path, *options: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "tests" / "matrix_cell.py"), str(out), "--precision", "32-true",
+               "--devices", "2", "--loggers", "csv", "--penalty", "kl", "--strategy", "fsdp2", *options]
+    return subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_fsdp2_ranks_of_unequal_shares_run_the_same_passes_and_log_the_reference(tmp_path):
+    """33 probes over 2 ranks in batches of 16: shares of 17 and 16, so 2 and 1 batches unpadded. Under FSDP2
+    every forward is an all-gather: the shorter share is padded, the line search runs on every probe, and the
+    logged statistics equal the one-process computation on the same probes."""
+    done = _fsdp2(tmp_path / "run", "--num-samples", "33", "--batch-size", "16")
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    probes, labels = torch.load(tmp_path / "run" / "probes.pt"), torch.load(tmp_path / "run" / "labels.pt")
+    assert len(probes) == 33
+    expected = expected_statistics(probes, labels)
+    for record in result["history"]:
+        for key, value in expected.items():
+            assert record[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_fsdp2_refuses_a_method_whose_passes_depend_on_the_samples(tmp_path):
+    """Lanczos stops when its samples converge: under FSDP2 the ranks would join different all-gathers and hang
+    (a run here did, for 15 minutes). The callback refuses it, naming the cause and the fix."""
+    done = _fsdp2(tmp_path / "run", "--method", "lanczos")
+    assert done.returncode != 0
+    assert "method='lanczos' at 4 classes runs a number of forward passes that depends on the samples" in done.stderr
+    assert "Use method='exact'" in done.stderr
