@@ -721,8 +721,9 @@ class FisherRobustnessCallback(*CALLBACK_BASES):  # type: ignore[misc]  # each i
 
     def _scores_of(self, pl_module: pl.LightningModule, x: Tensor) -> Tensor:
         """The class scores of one probe (a forward pass on every rank alike)."""
-        with preserved_state(self._scored_model(pl_module), x, mode="eval"), torch.no_grad():
-            return as_class_scores(self._scored_model(pl_module)(x.to(pl_module.device)), len(x))[0]
+        model = self._scored_model(pl_module)
+        with preserved_state(model, x, mode="eval"), torch.no_grad():
+            return as_class_scores(model(x.to(pl_module.device)), len(x))[0]
 
     def _score_share(self, share: Tensor, pl_module: pl.LightningModule,
                      share_labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
