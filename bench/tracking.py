@@ -10,10 +10,13 @@ held-out probes (the first `--probes` test images):
 - AutoAttack's APGD-CE + APGD-T (the reference `pyautoattack` package, standard settings: 100 iterations, 9
   target classes) at the two `AA_RADII` per norm, on the first `--aa-probes` probes;
 - the cost of each, in the same process.
-Each epoch's row is appended to `bench/results/tracking/<data>.jsonl` and the network's weights are kept under
-`bench/results/tracking/weights/` (not committed), so a job stopped anywhere resumes from its last epoch
-(`python bench/tracking.py --data cifar10 --regime plain --seed 0` again) and the report can run the standard
-AutoAttack at the checkpoints each signal selects (`--standard`).
+Each epoch's row is appended to `bench/results/tracking/<data>.jsonl` and the job's Lightning checkpoint (each
+epoch draws its batches from its own seed) replaces `bench/results/tracking/resume/<job>/last.ckpt`; beside it
+are the weights of the epochs that some signal selects so far, for the standard AutoAttack at the job's end. Both
+are committed: a job stopped anywhere resumes on the next machine from its checkpoint (the same command again).
+Replaying the training from the seed does not: on another machine (another CPU, another Lightning) the first
+epoch's loss already differs (1.5417 against 1.5257 on record), and FGSM's sign() makes that a new run. The
+weights of every epoch (`--cost`) go to `bench/results/tracking/weights/`, not committed.
 
     python bench/tracking.py --sweep                                     # every job in order (each resumes)
     python bench/tracking.py --data cifar10 --regime fgsm --seed 0       # one job (resumes)
@@ -50,6 +53,9 @@ from recipes import attacks  # noqa: E402
 from recipes.models import SmallCNN  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tracking"
+CALIBRATION = RESULTS / "calibration.jsonl"
+EPOCH_SEEDS = 1_000_003  # epoch e of seed s starts from torch.manual_seed(EPOCH_SEEDS * s + e)
+RESUME = RESULTS / "resume"  # committed: each job's last checkpoint and the weights its signals select
 RADII = {"cifar10": {"l2": (0.125, 0.25, 0.5), "linf": (1 / 255, 2 / 255, 8 / 255)},
          "fashion_mnist": {"l2": (0.25, 0.5, 1.0), "linf": (0.02, 0.05, 0.1)}}
 AA_RADII = {"cifar10": {"l2": (0.25, 0.5), "linf": (2 / 255, 8 / 255)},
@@ -133,49 +139,115 @@ def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, data: str, 
     return row
 
 
-class EpochEvaluation(pl.Callback):
-    """After every training epoch: `evaluate`, one row appended to the results, the weights kept; the
-    Trainer's own checkpoint (last.ckpt) lets a stopped job resume."""
+class Resumable(pl.Callback):
+    """After every training epoch not on record (`done`, epoch -> row): one row `measured` and appended to
+    `rows`; then the job's Lightning checkpoint replaces `checkpoint` (written whole before it replaces the old
+    one). The global RNG draws the batches and PGD's starts, and Lightning does not keep it in a checkpoint, so
+    every epoch after the first is seeded from the job's seed and the epoch right before its dataloader iterator
+    is made: in `on_train_epoch_start`, except in a run resumed at epoch `start`, whose first iterator Lightning
+    makes before any epoch or fit hook (in `FitLoop.setup_data`), so there in `setup`. Kept in the checkpoint at
+    the epoch's end, the RNG still differed from the next epoch's start, and so did the loss; so did it with
+    the RNG right but the training attacks' (PGD's) own generators not reseeded at the epoch's start."""
 
-    def __init__(self, job: dict, x: torch.Tensor, y: torch.Tensor, aa_probes: int, rows: Path, weights: Path):
-        self.job, self.x, self.y, self.aa_probes, self.rows, self.weights = job, x, y, aa_probes, rows, weights
+    def __init__(self, job: dict, done: dict[int, dict], rows: Path, checkpoint: Path, start: int) -> None:
+        self.job, self.done, self.rows, self.checkpoint, self.start = job, done, rows, checkpoint, start
+
+    def seed(self, epoch: int) -> int:
+        seed = EPOCH_SEEDS * self.job["seed"] + epoch
+        torch.manual_seed(seed)
+        return seed
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.start > 0:
+            self.seed(self.start)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Seed the epoch (but the resumed run's first, seeded in `setup`), and the training attacks' own
+        generators, which a checkpoint does not keep either."""
+        epoch = trainer.current_epoch
+        seed = self.seed(epoch) if epoch != self.start else EPOCH_SEEDS * self.job["seed"] + epoch
+        for module in pl_module.modules():
+            if isinstance(module, attacks.PGD):
+                module.reseed(seed)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        net = pl_module.net
-        training = net.training
-        row = {**self.job, "epoch": trainer.current_epoch, "train_loss": float(trainer.callback_metrics.get(
-            "train/ce", torch.tensor(float("nan")))), **evaluate(net, self.x, self.y, self.job["data"],
-                                                                 self.aa_probes)}
-        net.train(training)
-        torch.save(net.state_dict(), self.weights / f"epoch{trainer.current_epoch}.pt")
-        with open(self.rows, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        epoch = trainer.current_epoch
+        if epoch not in self.done:  # an epoch on record is met again only where its checkpoint was not written
+            net = pl_module.net
+            training = net.training
+            loss = float(trainer.callback_metrics.get("train/ce", torch.tensor(float("nan"))))
+            row = {**self.job, "epoch": epoch, "train_loss": loss, **self.measured(net)}
+            net.train(training)
+            with open(self.rows, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            self.done[epoch] = row
+            self.recorded(row, net)
+        partial = self.checkpoint.with_suffix(".partial")
+        trainer.save_checkpoint(partial)
+        partial.replace(self.checkpoint)
+
+    def measured(self, net: torch.nn.Module) -> dict:
+        raise NotImplementedError
+
+    def recorded(self, row: dict, net: torch.nn.Module) -> None:
+        """After `row` is on record (its network `net`)."""
+
+
+def selected_epochs(rows: dict[int, dict], data: str) -> set[int]:
+    """The epochs that some signal selects as the most robust so far (the report's argmax, first of equals):
+    the estimate, the linear step and APGD at each AutoAttack radius, -lambda_max and -grad norm."""
+    keys = [f"{signal}/{norm}/{eps:.4g}" for norm, radii in AA_RADII[data].items() for eps in radii
+            for signal in ("estimate_aa_probes", "linear_aa_probes", "apgd")]
+    epochs = sorted(rows)
+    picks = {max(epochs, key=lambda e: (rows[e][key], -e)) for key in keys}
+    return picks | {max(epochs, key=lambda e: (-rows[e][key], -e)) for key in ("lambda_max_median",
+                                                                               "grad_norm_median")}
+
+
+class EpochEvaluation(Resumable):
+    """`evaluate` after every epoch; the weights of every epoch to `weights` (not committed, for `--cost`) and of
+    the `selected_epochs` beside the checkpoint (committed with it, for the standard AutoAttack at the job's end)."""
+
+    def __init__(self, job: dict, done: dict[int, dict], x: torch.Tensor, y: torch.Tensor, aa_probes: int,
+                 rows: Path, checkpoint: Path, weights: Path, start: int):
+        super().__init__(job, done, rows, checkpoint, start)
+        self.x, self.y, self.aa_probes, self.weights = x, y, aa_probes, weights
+
+    def measured(self, net: torch.nn.Module) -> dict:
+        return evaluate(net, self.x, self.y, self.job["data"], self.aa_probes)
+
+    def recorded(self, row: dict, net: torch.nn.Module) -> None:
+        epoch, folder = row["epoch"], self.checkpoint.parent
+        torch.save(net.state_dict(), self.weights / f"epoch{epoch}.pt")
+        keep = selected_epochs(self.done, self.job["data"])
+        if epoch in keep:
+            torch.save(net.state_dict(), folder / f"epoch{epoch}.pt")
+        for old in folder.glob("epoch*.pt"):
+            if int(old.stem.removeprefix("epoch")) not in keep:
+                old.unlink()
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                           if k.startswith(("epoch", "clean", "estimate/", "apgd/", "pgd20/l2/0.5", "estimate_s",
                                            "pgd20_s", "apgd_s"))}), flush=True)
 
 
-class CalibrationEvaluation(pl.Callback):
+class CalibrationEvaluation(Resumable):
     """`--calibrate`: after every training epoch only the clean accuracy and PGD-10 at the training radius
     (L-inf, step eps / 4, one random start) on the probes, the signature of each regime's effect (a collapse of
-    FGSM-AT, a peak then a fall of PGD-AT); one row appended to `calibration.jsonl`."""
+    FGSM-AT, a peak then a fall of PGD-AT), to `calibration.jsonl`."""
 
-    def __init__(self, job: dict, x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
-        self.job, self.x, self.y, self.eps = job, x, y, eps
+    def __init__(self, job: dict, done: dict[int, dict], x: torch.Tensor, y: torch.Tensor, eps: float,
+                 checkpoint: Path, start: int) -> None:
+        super().__init__(job, done, CALIBRATION, checkpoint, start)
+        self.x, self.y, self.eps = x, y, eps
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        net = pl_module.net
-        training = net.training
+    def measured(self, net: torch.nn.Module) -> dict:
         net.eval()
         with torch.no_grad():
             clean = float((net(self.x).argmax(1) == self.y).float().mean())
-        robust = attacks.robust_accuracy(net, self.x, self.y, norm="linf", eps=self.eps, steps=10,
-                                         step_size=self.eps / 4)
-        net.train(training)
-        row = {**self.job, "epoch": trainer.current_epoch, "train_loss": float(trainer.callback_metrics.get(
-            "train/ce", torch.tensor(float("nan")))), "clean": clean, "pgd10": robust}
-        with open(RESULTS / "calibration.jsonl", "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        return {"clean": clean, "pgd10": attacks.robust_accuracy(net, self.x, self.y, norm="linf", eps=self.eps,
+                                                                 steps=10, step_size=self.eps / 4)}
+
+    def recorded(self, row: dict, net: torch.nn.Module) -> None:
         print(json.dumps(row), flush=True)
 
 
@@ -194,61 +266,94 @@ def load_rows(data: str) -> list[dict]:
     return [{"train_eps": TRAIN_EPS[row["data"]], **row} for row in rows]
 
 
-def weights_folder(data: str, name: str, seed: int, epochs: int, train: int, train_eps: float) -> Path:
-    """Where a job keeps its weights per epoch and its last.ckpt (a radius other than `TRAIN_EPS` is named, to
-    the 4 digits it is printed with)."""
+def load_calibration() -> list[dict]:
+    return [json.loads(line) for line in CALIBRATION.read_text().splitlines()] if CALIBRATION.exists() else []
+
+
+def on_record(rows: list[dict], job: dict, keys: tuple[str, ...]) -> dict[int, dict]:
+    """epoch -> row of the rows that belong to `job` (equal in every one of `keys`)."""
+    return {row["epoch"]: row for row in rows if all(row.get(k) == job.get(k) for k in keys)}
+
+
+def job_name(data: str, name: str, seed: int, epochs: int, train: int, train_eps: float,
+             widths: tuple[int, ...] | None = None) -> str:
+    """A job's folder name (a radius other than `TRAIN_EPS` is named, to the 4 digits it is printed with)."""
     suffix = "" if math.isclose(train_eps, TRAIN_EPS[data], rel_tol=1e-3) else f"_r{train_eps:.4g}"
-    return RESULTS / "weights" / f"{data}_{name}_s{seed}_e{epochs}_t{train}{suffix}"
+    return f"{data}_{name}_s{seed}_e{epochs}_t{train}{suffix}" + (f"_w{'-'.join(map(str, widths))}" if widths else "")
 
 
 def _fit(data: str, name: str, seed: int, epochs: int, train: int, probes: int, train_eps: float,
-         callbacks: Callable[[torch.Tensor, torch.Tensor], list], ckpt_path: str | None = None,
-         widths: tuple[int, ...] | None = None) -> None:
-    """Train the SmallCNN (its default `widths`, or these) in regime `name` from `seed`, with the callbacks made
-    for the first `probes` test images; Lightning's own checkpointing only where a callback asks for it."""
+         callbacks: Callable[[torch.Tensor, torch.Tensor], list], widths: tuple[int, ...] | None = None,
+         ckpt_path: Path | None = None) -> None:
+    """Train the SmallCNN (its default `widths`, or these) in regime `name` from `seed` (or continue from
+    `ckpt_path`), with the callbacks made for the first `probes` test images."""
     pl.seed_everything(seed, workers=True)
     datamodule = prepared(data, train)
     x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
     net = SmallCNN(datamodule.in_channels, 10, **({"widths": widths} if widths else {}))
     module = FisherRegularizedClassifier(net, 10, optimizer=OPTIMIZER,
                                          scheduler=cosine(epochs), **regime(name, data, train_eps))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    made = callbacks(x, y)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
-                         enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in made),
-                         callbacks=made)
+                         enable_checkpointing=False, callbacks=callbacks(x, y))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
 
+def supersede(path: Path, rows) -> None:
+    """Move `rows` out of the results file `path` into `<path stem>_superseded.jsonl` beside it."""
+    lines = [json.dumps(row) for row in rows]
+    moved = set(lines)
+    kept = [line for line in path.read_text().splitlines() if json.dumps(json.loads(line)) not in moved]
+    with open(path.with_name(f"{path.stem}_superseded.jsonl"), "a") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+JOB_KEYS = ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps")
+
+
 def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int,
-            train_eps: float | None = None, calibrate: bool = False, widths: tuple[int, ...] | None = None) -> None:
+            train_eps: float | None = None, calibrate: bool = False, widths: tuple[int, ...] | None = None,
+            restart: bool = False) -> bool:
+    """One job, continued from its committed checkpoint (`RESUME`), or skipped where every epoch is on record;
+    False where its rows cannot be continued (on record, but their checkpoint is lost), unless `restart`: then
+    they move to the `supersede`d rows and the job starts again."""
     train_eps = default_train_eps(data, name) if train_eps is None else train_eps
     job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
            "aa_probes": aa_probes, "train_eps": train_eps, "machine": machine()}
-    if calibrate:
-        if widths:
-            job["widths"] = list(widths)
-        _fit(data, name, seed, epochs, train, probes, train_eps,
-             lambda x, y: [CalibrationEvaluation(job, x, y, train_eps)], widths=widths)
-        return
-    if widths:
+    if widths and not calibrate:
         raise SystemExit("--widths is for --calibrate only: the tracked regimes train the default SmallCNN")
-    key = {k: job[k] for k in ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps")}
-    done = {row["epoch"] for row in load_rows(data) if {k: row.get(k) for k in key} == key}
+    if widths:
+        job["widths"] = list(widths)
+    done = (on_record(load_calibration(), job, (*JOB_KEYS, "widths")) if calibrate
+            else on_record(load_rows(data), job, JOB_KEYS))
+    label = f"{data} {name} seed {seed}"
     if len(done) >= epochs:
-        print(f"{name} seed {seed}: all {epochs} epochs evaluated")
-        return
-    folder = weights_folder(data, name, seed, epochs, train, train_eps)
+        print(f"{label}: all {epochs} epochs on record")
+        return True
+    folder = RESUME / ("calibration" if calibrate else "") / job_name(data, name, seed, epochs, train, train_eps,
+                                                                     widths)
+    checkpoint = folder / "last.ckpt"
+    if done and not checkpoint.exists():
+        if not restart:
+            print(f"{label}: epochs 0-{max(done)} are on record but their checkpoint {checkpoint} is not (lost with "
+                  "the machine that ran them): the job cannot be continued (--restart starts it again)")
+            return False
+        supersede(CALIBRATION if calibrate else RESULTS / f"{data}.jsonl", done.values())
+        done = {}
     folder.mkdir(parents=True, exist_ok=True)
-    last = folder / "last.ckpt"
-    # save_top_k=1: Lightning writes last.ckpt only in a step that saved a top-k checkpoint (save_top_k=0 never
-    # wrote one, so the first jobs restarted from epoch 0). The resumed run's batch order is not the uninterrupted
-    # one: Lightning does not keep the sampler's RNG in a checkpoint.
+    resumed = checkpoint if done else None
+    start = torch.load(checkpoint, weights_only=False)["epoch"] + 1 if resumed else 0  # saved at its epoch's end
+    if calibrate:
+        _fit(data, name, seed, epochs, train, probes, train_eps,
+             lambda x, y: [CalibrationEvaluation(job, done, x, y, train_eps, checkpoint, start)], widths, resumed)
+        return True
+    weights = RESULTS / "weights" / folder.name
+    weights.mkdir(parents=True, exist_ok=True)
     _fit(data, name, seed, epochs, train, probes, train_eps,
-         lambda x, y: [EpochEvaluation(job, x, y, aa_probes, RESULTS / f"{data}.jsonl", folder),
-                       pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=1)],
-         ckpt_path=str(last) if last.exists() and done else None)
+         lambda x, y: [EpochEvaluation(job, done, x, y, aa_probes, RESULTS / f"{data}.jsonl", checkpoint, weights,
+                                       start)], ckpt_path=resumed)
+    return True
 
 
 def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, epoch: int,
@@ -258,7 +363,7 @@ def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, 
     datamodule = prepared(data, train)
     x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
     net = SmallCNN(datamodule.in_channels, 10)
-    folder = weights_folder(data, name, seed, epochs, train, train_eps)
+    folder = RESULTS / "weights" / job_name(data, name, seed, epochs, train, train_eps)
     net.load_state_dict(torch.load(folder / f"epoch{epoch}.pt"))
     net.eval()
     start = time.perf_counter()
@@ -290,6 +395,9 @@ def main() -> None:
                                                                  "the training radius per epoch (calibration.jsonl)")
     parser.add_argument("--widths", type=lambda text: tuple(int(w) for w in text.split(",")),
                         help="--calibrate: the SmallCNN's widths, e.g. 64,128,256 (default 32,64,128)")
+    parser.add_argument("--restart", action="store_true", help="a job whose rows cannot be continued (their "
+                                                               "checkpoint lost) starts again; its rows move to "
+                                                               "<file>_superseded.jsonl")
     parser.add_argument("--sweep", action="store_true", help="every job of `SWEEP` in order, each resumed or skipped")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--cost", type=int, metavar="EPOCH", help="time the estimate against PGD-20 on that epoch's "
@@ -299,9 +407,7 @@ def main() -> None:
     if args.report:
         from bench.tracking_report import report
 
-        path = RESULTS / "calibration.jsonl"
-        calibration = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        text = report(args.data, load_rows(args.data), calibration)
+        text = report(args.data, load_rows(args.data), load_calibration())
         (RESULTS / f"{args.data}.md").write_text(text)
         print(text)
         return
@@ -310,11 +416,11 @@ def main() -> None:
                    args.train_eps))
         return
     if args.sweep:
-        for data, name, seed in SWEEP:
+        for data, name, seed in SWEEP:  # a job that cannot be continued is skipped, with the reason
             run_job(data, name, seed, args.epochs, args.train, args.probes, args.aa_probes)
         return
     run_job(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.aa_probes, args.train_eps,
-            args.calibrate, args.widths)
+            args.calibrate, args.widths, args.restart)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ class PGD(nn.Module):
         self.divergence = check_choice("divergence", divergence, tuple(DIVERGENCES))
         self._generator: Optional[torch.Generator] = None
 
+    def reseed(self, seed: int) -> None:
+        """Draw the random starts from `seed` from here on. The generator is not part of the module's state, so a
+        resumed training run that must draw what the uninterrupted one drew reseeds it (`bench/tracking.py`)."""
+        self._generator = torch.Generator().manual_seed(check_int("seed", seed))
+
     def _random_start(self, x: Tensor) -> Tensor:
         if self._generator is None:
             self._generator = torch.Generator().manual_seed(self.seed)

@@ -178,3 +178,20 @@ def test_fire_penalty_is_a_differentiable_scalar_and_its_attack_maximises_the_di
         assert (moved > 2 * fisher_rao_distance(log_p, model(start).log_softmax(-1))).all()
     with pytest.raises(TypeError, match="divergence='fisher_rao'"):
         FirePenalty(attack=PGD())
+
+
+def test_pgd_reseed_repeats_the_random_starts_and_leaves_the_global_rng_alone():
+    """Reseeded, PGD draws its random starts again from the seed (a resumed training run relies on it), without
+    touching the global RNG; without a reseed the next call draws new starts."""
+    model, x = _Linear2(torch.tensor([1.0, -2.0, 0.5]), 0.1), torch.full((4, 3), 0.5)
+    attack = PGD(eps=0.1, step_size=0.01, steps=1)
+    attack.reseed(7)
+    first = attack(model, x, labels=torch.zeros(4, dtype=torch.long))
+    again = attack(model, x, labels=torch.zeros(4, dtype=torch.long))
+    state = torch.get_rng_state()
+    attack.reseed(7)
+    repeated = attack(model, x, labels=torch.zeros(4, dtype=torch.long))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, repeated) and not torch.equal(first, again)
+    with pytest.raises(TypeError, match="seed"):
+        attack.reseed(1.5)
