@@ -21,6 +21,7 @@ weights of every epoch (`--cost`) go to `bench/results/tracking/weights/`, not c
     python bench/tracking.py --sweep                                     # every job in order (each resumes)
     python bench/tracking.py --data cifar10 --regime fgsm --seed 0       # one job (resumes)
     python bench/tracking.py --data cifar10 --report                     # the report from the rows so far
+    python bench/tracking.py --data cifar10 --regime fgsm --standard     # standard AutoAttack, selected epochs
     python bench/tracking.py --data cifar10 --regime fgsm --cost 8       # the estimate's cost against PGD-20
                                                                          # (on that job's weights of epoch 8)
 
@@ -356,6 +357,42 @@ def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: in
     return True
 
 
+def standard(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int,
+             train_eps: float | None = None) -> list[dict]:
+    """The standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; `pyautoattack`) at each AutoAttack radius on the
+    first `aa_probes` probes, at every epoch some signal selects (`selected_epochs`, weights kept beside the job's
+    checkpoint), for an ended job; rows appended to `<data>_standard.jsonl`, an epoch already there skipped."""
+    train_eps = default_train_eps(data, name) if train_eps is None else train_eps
+    job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
+           "aa_probes": aa_probes, "train_eps": train_eps}
+    done = on_record(load_rows(data), job, JOB_KEYS)
+    if len(done) < epochs:
+        raise SystemExit(f"{data} {name} seed {seed}: {len(done)} of {epochs} epochs on record; the standard "
+                         "AutoAttack runs at the checkpoints selected over the whole run")
+    path = RESULTS / f"{data}_standard.jsonl"
+    existing = on_record([json.loads(line) for line in path.read_text().splitlines()] if path.exists() else [],
+                         job, JOB_KEYS)
+    datamodule = prepared(data, train)
+    x, y = (t[:aa_probes] for t in datamodule.splits["test"].tensors)
+    folder = RESUME / job_name(data, name, seed, epochs, train, train_eps)
+    rows = []
+    for epoch in sorted(selected_epochs(done, data) - set(existing)):
+        net = SmallCNN(datamodule.in_channels, 10)
+        net.load_state_dict(torch.load(folder / f"epoch{epoch}.pt"))
+        net.eval()
+        row = {**job, "machine": machine(), "epoch": epoch}
+        start = time.perf_counter()
+        for norm, radii in AA_RADII[data].items():
+            for eps in radii:
+                row[f"aa/{norm}/{eps:.4g}"] = float(autoattack_robust(net, x, y, norm, eps, "standard").mean())
+        row["aa_s"] = time.perf_counter() - start
+        with open(path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, epoch: int,
          train_eps: float | None = None) -> str:
     """The estimate's cost against PGD-20 at every radius, in one process, on a saved epoch's weights."""
@@ -400,6 +437,9 @@ def main() -> None:
                                                                "<file>_superseded.jsonl")
     parser.add_argument("--sweep", action="store_true", help="every job of `SWEEP` in order, each resumed or skipped")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--standard", action="store_true", help="the standard AutoAttack at the epochs the signals "
+                                                                "select, for an ended job (the sweep runs it after "
+                                                                "each job)")
     parser.add_argument("--cost", type=int, metavar="EPOCH", help="time the estimate against PGD-20 on that epoch's "
                                                                   "saved weights of the job")
     args = parser.parse_args()
@@ -417,7 +457,12 @@ def main() -> None:
         return
     if args.sweep:
         for data, name, seed in SWEEP:  # a job that cannot be continued is skipped, with the reason
-            run_job(data, name, seed, args.epochs, args.train, args.probes, args.aa_probes)
+            if run_job(data, name, seed, args.epochs, args.train, args.probes, args.aa_probes):
+                standard(data, name, seed, args.epochs, args.train, args.probes, args.aa_probes)
+        return
+    if args.standard:
+        standard(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.aa_probes,
+                 args.train_eps)
         return
     run_job(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.aa_probes, args.train_eps,
             args.calibrate, args.widths, args.restart)
