@@ -50,6 +50,7 @@ from bench.common import autoattack_robust, machine, quiet_lightning  # noqa: E4
 from bench.regularization_frontier import OPTIMIZER, cosine, data_module  # noqa: E402
 from fim_lightning.module import FisherRegularizedClassifier  # noqa: E402
 from fim_lightning.functional import robust_distances  # noqa: E402
+from fim_lightning.robustness import margin_gradients as margin_gradients_of, minimal_perturbation  # noqa: E402
 from recipes import attacks  # noqa: E402
 from recipes.models import SmallCNN  # noqa: E402
 
@@ -57,6 +58,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "tracking"
 CALIBRATION = RESULTS / "calibration.jsonl"
 EPOCH_SEEDS = 1_000_003  # epoch e of seed s starts from torch.manual_seed(EPOCH_SEEDS * s + e)
 RESUME = RESULTS / "resume"  # committed: each job's last checkpoint and the weights its signals select
+# The estimate the rows record: "min(d1, s_u)" (the first-order step, shortened where the line search finds the class
+# change sooner: `fim_lightning.robustness`); rows without the key were recorded with the line search alone, s_u.
+ESTIMATOR = "min(d1, s_u)"
 RADII = {"cifar10": {"l2": (0.125, 0.25, 0.5), "linf": (1 / 255, 2 / 255, 8 / 255)},
          "fashion_mnist": {"l2": (0.25, 0.5, 1.0), "linf": (0.02, 0.05, 0.1)}}
 AA_RADII = {"cifar10": {"l2": (0.25, 0.5), "linf": (2 / 255, 8 / 255)},
@@ -101,13 +105,34 @@ def margin_gradients(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     return margin.detach().double(), flat.norm(p=2, dim=1).double(), flat.norm(p=1, dim=1).double()
 
 
-def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, data: str, aa_probes: int) -> dict:
-    """Every signal and attack of one epoch on the probes (module docstring), with their costs."""
+def components(net: torch.nn.Module, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Per norm, the estimate's two parts: the first-order step d1 and the line search's distance s_u to the
+    adversarial point it found (inf where it found none), from the operator the public functions open."""
+    with fl.preserved_state(net, x):
+        op = fl.FisherOperator(net, x)
+        found = margin_gradients_of(op)
+        parts: dict[str, dict[str, torch.Tensor]] = {"first_order": {}, "line_search": {}}
+        for norm in ("l2", "linf"):
+            searched = minimal_perturbation(op, norm, bounds=(0.0, 1.0), margins=found)
+            parts["first_order"][norm] = minimal_perturbation(op, norm, line_steps=0, margins=found).distance
+            shift = (searched.point - x).flatten(1).to(torch.float64).norm(p=2 if norm == "l2" else math.inf, dim=1)
+            parts["line_search"][norm] = torch.where(searched.crossed, shift, math.inf)
+    return parts
+
+
+def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, data: str, aa_probes: int) -> tuple[dict, dict]:
+    """Every signal and attack of one epoch on the probes (module docstring), with their costs; and the per-probe
+    values behind them (distances, APGD's robust flags), so that another combination of the estimate's parts can
+    be scored later without training again."""
     net.eval()
     row: dict = {}
     start = time.perf_counter()
     distances = robust_distances(net, x, ("l2", "linf"), mode="eval", bounds=(0.0, 1.0))
     row["estimate_s"] = time.perf_counter() - start
+    parts = components(net, x)
+    for norm in ("l2", "linf"):  # the public estimate is min(d1, s_u) of the same parts
+        torch.testing.assert_close(distances[norm], torch.minimum(parts["first_order"][norm],
+                                                                  parts["line_search"][norm]), rtol=1e-6, atol=0)
     start = time.perf_counter()
     scores = fl.fisher_scores(net, x, mode="eval")
     row["fisher_s"] = time.perf_counter() - start
@@ -125,19 +150,28 @@ def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, data: str, 
             row[f"estimate_aa_probes/{key}"] = float((correct[:aa_count] & (d[:aa_count] > eps)).mean())
             row[f"linear/{key}"] = float((correct & (linear[norm] > eps)).mean())
             row[f"linear_aa_probes/{key}"] = float((correct[:aa_count] & (linear[norm][:aa_count] > eps)).mean())
+            for part, values in parts.items():
+                v = values[norm].numpy()
+                row[f"{part}_aa_probes/{key}"] = float((correct[:aa_count] & (v[:aa_count] > eps)).mean())
     start = time.perf_counter()
     for norm, radii in RADII[data].items():
         for eps in radii:
             row[f"pgd20/{norm}/{eps:.4g}"] = attacks.robust_accuracy(net, x, y, norm=norm, eps=eps, steps=20,
                                                                      step_size=eps / 4)
     row["pgd20_s"] = time.perf_counter() - start
+    probes: dict = {"correct": correct.astype(int).tolist()}
+    for norm in ("l2", "linf"):
+        for name, values in (("estimate", distances[norm]), ("linear", linear[norm]),
+                             *((part, parts[part][norm]) for part in parts)):
+            probes[f"{name}/{norm}"] = [float(f"{v:.4g}") for v in torch.as_tensor(values).tolist()]
     start = time.perf_counter()
     for norm, radii in AA_RADII[data].items():
         for eps in radii:
             robust = autoattack_robust(net, x[:aa_count], y[:aa_count], norm, eps)
             row[f"apgd/{norm}/{eps:.4g}"] = float(robust.mean())
+            probes[f"apgd/{norm}/{eps:.4g}"] = robust.astype(int).tolist()
     row["apgd_s"] = time.perf_counter() - start
-    return row
+    return row, probes
 
 
 class Resumable(pl.Callback):
@@ -213,12 +247,16 @@ class EpochEvaluation(Resumable):
                  rows: Path, checkpoint: Path, weights: Path, start: int):
         super().__init__(job, done, rows, checkpoint, start)
         self.x, self.y, self.aa_probes, self.weights = x, y, aa_probes, weights
+        self.probes: dict = {}
 
     def measured(self, net: torch.nn.Module) -> dict:
-        return evaluate(net, self.x, self.y, self.job["data"], self.aa_probes)
+        row, self.probes = evaluate(net, self.x, self.y, self.job["data"], self.aa_probes)
+        return row
 
     def recorded(self, row: dict, net: torch.nn.Module) -> None:
         epoch, folder = row["epoch"], self.checkpoint.parent
+        with open(self.rows.with_name(f"{self.rows.stem}_probes.jsonl"), "a") as handle:
+            handle.write(json.dumps({**self.job, "epoch": epoch, **self.probes}) + "\n")
         torch.save(net.state_dict(), self.weights / f"epoch{epoch}.pt")
         keep = selected_epochs(self.done, self.job["data"])
         if epoch in keep:
@@ -261,10 +299,11 @@ def prepared(data: str, train: int) -> pl.LightningDataModule:
 
 
 def load_rows(data: str) -> list[dict]:
-    """The rows of `data`; a row written before `train_eps` was recorded ran at the data set's `TRAIN_EPS`."""
+    """The rows of `data`; a row written before `train_eps` was recorded ran at the data set's `TRAIN_EPS`, one
+    written before `estimator` was recorded estimated with the line search alone."""
     path = RESULTS / f"{data}.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return [{"train_eps": TRAIN_EPS[row["data"]], **row} for row in rows]
+    return [{"train_eps": TRAIN_EPS[row["data"]], "estimator": "s_u", **row} for row in rows]
 
 
 def load_calibration() -> list[dict]:
@@ -310,7 +349,7 @@ def supersede(path: Path, rows) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-JOB_KEYS = ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps")
+JOB_KEYS = ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps", "estimator")
 
 
 def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int,
@@ -322,6 +361,8 @@ def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: in
     train_eps = default_train_eps(data, name) if train_eps is None else train_eps
     job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
            "aa_probes": aa_probes, "train_eps": train_eps, "machine": machine()}
+    if not calibrate:
+        job["estimator"] = ESTIMATOR
     if widths and not calibrate:
         raise SystemExit("--widths is for --calibrate only: the tracked regimes train the default SmallCNN")
     if widths:
@@ -364,7 +405,7 @@ def standard(data: str, name: str, seed: int, epochs: int, train: int, probes: i
     checkpoint), for an ended job; rows appended to `<data>_standard.jsonl`, an epoch already there skipped."""
     train_eps = default_train_eps(data, name) if train_eps is None else train_eps
     job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
-           "aa_probes": aa_probes, "train_eps": train_eps}
+           "aa_probes": aa_probes, "train_eps": train_eps, "estimator": ESTIMATOR}
     done = on_record(load_rows(data), job, JOB_KEYS)
     if len(done) < epochs:
         raise SystemExit(f"{data} {name} seed {seed}: {len(done)} of {epochs} epochs on record; the standard "

@@ -425,9 +425,9 @@ def robust_distances(model: Callable, inputs: Tensor, norms: Sequence[Norm],
 def estimated_minimal_perturbation(model: Callable, inputs: Tensor, norm: Norm = "l2",
                                    **options: Unpack[DistanceOptions]) -> Tensor:
     """(B,) estimated distance in `norm` ("l2" or "linf", in the units the model takes) from each sample to the
-    boundary of its predicted class (`fim_lightning.robustness`): the first-order step, followed along its
-    direction to the class change with `line_steps` bisections, inside the box `bounds` when given
-    (`DistanceOptions`).
+    boundary of its predicted class (`fim_lightning.robustness`): the first-order step d_1, shortened to the
+    distance s_u where a line search along its direction (`line_steps` bisections, inside the box `bounds` when
+    given; `DistanceOptions`) finds the class changed, if that is shorter: min(d_1, s_u).
 
     Examples:
         >>> import torch, fim_lightning as fl

@@ -86,25 +86,33 @@ def trained_digits_net():
     return net, test_x[keep][:60], test_y[keep][:60]
 
 
-@pytest.mark.parametrize("norm, fab_norm", [("l2", "L2"), ("linf", "Linf")])
-def test_trained_network_distance_matches_the_minimum_norm_attack(trained_digits_net, norm, fab_norm):
+@pytest.mark.parametrize("norm, fab_norm, median, p90", [("l2", "L2", 0.12, 0.22), ("linf", "Linf", 0.3, 0.36)])
+def test_trained_network_distance_against_the_minimum_norm_attack(trained_digits_net, norm, fab_norm, median, p90):
+    """FAB's minimum-norm adversarial examples, a reference d* per sample: the estimate min(d_1, s_u) is never above
+    the line search's adversarial point s_u, never further from FAB than the first-order step d_1, ranks the
+    samples as FAB does, and on this MLP errs short by the first-order step's bias (measured 10% in L2 and 25% in
+    L-inf at the median, 20% and 33% at the 90th percentile; the line search alone 0.3%)."""
     from pyautoattack.fab_pt import FABAttack_PT
 
     net, x, y = trained_digits_net
     fab = FABAttack_PT(net, norm=fab_norm, n_restarts=1, n_iter=200, eps=100.0, seed=0, device="cpu")
     adversarial = fab.attack_single_run(x, y)
     assert (net(adversarial).argmax(1) != y).all()
-    reference = (adversarial - x).flatten(1).norm(p=2 if norm == "l2" else float("inf"), dim=1).numpy()
-    estimate = fl.estimated_minimal_perturbation(net, x, norm, bounds=(0.0, 1.0)).numpy()
-    error = np.abs(np.log(estimate / reference))
-    assert np.median(error) <= 0.02 and np.quantile(error, 0.9) <= 0.1, (np.median(error), np.quantile(error, 0.9))
-    assert spearmanr(estimate, reference)[0] >= 0.98
+    p = 2 if norm == "l2" else float("inf")
+    reference = (adversarial - x).flatten(1).norm(p=p, dim=1).double()
+    estimate = fl.estimated_minimal_perturbation(net, x, norm, bounds=(0.0, 1.0))
+    first = fl.estimated_minimal_perturbation(net, x, norm, line_steps=0)
     with fl.preserved_state(net, x):
         found = minimal_perturbation(fl.FisherOperator(net, x), norm, bounds=(0.0, 1.0))
-    assert found.crossed.all() and (net(found.point).argmax(1) != y).all()  # each estimate: an adversarial point
+    assert found.crossed.all() and (net(found.point).argmax(1) != y).all()  # each s_u: an adversarial point
     assert ((found.point >= 0) & (found.point <= 1)).all()
-    shift = (found.point - x).flatten(1).norm(p=2 if norm == "l2" else float("inf"), dim=1).double()
-    torch.testing.assert_close(shift, found.distance, rtol=1e-6, atol=0)
+    searched = (found.point - x).flatten(1).norm(p=p, dim=1).double()
+    torch.testing.assert_close(estimate, torch.minimum(first, searched), rtol=1e-6, atol=0)
+    assert ((estimate - reference).abs() <= (first - reference).abs() + 1e-6).all()
+    error = torch.log(estimate / reference)
+    assert -median <= error.median() <= 0 and error.abs().quantile(0.9) <= p90, error
+    assert torch.log(searched / reference).abs().median() <= 0.02  # the line search alone finds FAB's distance
+    assert spearmanr(estimate, reference)[0] >= 0.95
 
 
 def test_bad_arguments_are_named():
