@@ -11,7 +11,8 @@ and the median minimal L2 perturbation (DeepFool + PGD bisection) on the first `
 training wall time. Runs append to
 `bench/results/frontier_<data>.jsonl` (`frontier_<data>_gpu.jsonl` with `--accelerator gpu`, where training
 and attacks run on the GPU; `--results` moves the folder); a finished run (same method, setting, seed, `--train`
-and `--epochs`) is skipped when the command is started again, and the report covers the runs of the given
+and `--epochs`, attacked by AutoAttack too) is skipped when the command is started again (a run from before
+AutoAttack was added runs again and its new row replaces it), and the report covers the runs of the given
 `--train` and `--epochs`.
 
     python bench/regularization_frontier.py --data cifar10              # train what is missing, then report
@@ -126,6 +127,12 @@ def run(data: pl.LightningDataModule, method: str, setting: str, seed: int, epoc
             "aa_linf": float(autoattack_robust(net, x, y, "linf", EPS).mean()),
             "aa_l2": float(autoattack_robust(net, x, y, "l2", 0.5).mean()),
             "median_min_perturbation": float(np.median(attacks.minimal_perturbation(net, x, search_steps=5)))}
+
+
+def latest(rows: list[dict]) -> list[dict]:
+    """The last row of each (method, setting, seed): a run from before AutoAttack was added (no `aa_linf`) counts
+    as not finished, and its rerun replaces it."""
+    return list({(r["method"], r["setting"], r["seed"]): r for r in rows}.values())
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -320,13 +327,13 @@ def main() -> None:
     stem = args.results / f"frontier_{name}"
     path = stem.with_suffix(".jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    done = [r for r in rows if (r["train"], r["epochs"]) == (args.train, args.epochs)]  # this size's runs only
+    done = latest([r for r in rows if (r["train"], r["epochs"]) == (args.train, args.epochs)])  # this size's runs
     print(f"machine: {machine()}")
     if not args.report:
         data = data_module(args.data, args.train)
         data.prepare_data()  # Fashion-MNIST: unpack Debian's IDX files into torchvision's layout
         data.setup()
-        finished = {(r["method"], r["setting"], r["seed"]) for r in done}
+        finished = {(r["method"], r["setting"], r["seed"]) for r in done if "aa_linf" in r}
         args.results.mkdir(parents=True, exist_ok=True)
         for seed in range(args.seeds) if args.only_seed is None else (args.only_seed,):
             for method, settings in SETTINGS.items():
@@ -341,7 +348,7 @@ def main() -> None:
                            **run(data, method, setting, seed, args.epochs, args.eval, args.accelerator)}
                     with path.open("a") as out:
                         out.write(json.dumps(row) + "\n")
-                    done.append(row)
+                    done = latest([*done, row])
                     print(f"{method} {setting} seed {seed}: clean {row['clean']:.3f}, L2 {row['pgd_l2']:.3f}, "
                           f"L-inf {row['pgd_linf']:.3f}, {row['train_s']:.0f} s", flush=True)
     print(report(done, name, args.eval, stem))
