@@ -6,7 +6,7 @@ min(d1, s_u)), the first-order step alone (d1), the estimate min(d1, s_u), and t
 (top-2 margin / grad norm), against APGD-CE + APGD-T (`pyautoattack`, the sweep's settings):
 - Fashion-MNIST, the plain SmallCNN at the five epochs kept from the sweep's first plain run (estimated with s_u
   alone; `bench/results/tracking/kept/`), APGD from that run's rows (same weights, same probes; the recorded
-  estimate is recomputed here as a check that they are);
+  estimate is recomputed here, to within one probe, as a check that they are);
 - CIFAR-10, the wide SmallCNN adversarially trained (PGD-AT 8/255) by the calibration run, its last checkpoint,
   APGD run here.
 Table and error summary (points, over every (network, radius) with APGD in [5%, 95%]) printed and written to
@@ -62,7 +62,9 @@ def score(name: str, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dat
             line = {"network": name, "radius": key,
                     "apgd": apgd[key] if apgd else float(autoattack_robust(net, x, y, norm, eps).mean()),
                     **{s: float((correct & (found[s][norm] > eps)).mean()) for s in SIGNALS}}
-            if recorded is not None and not math.isclose(line["s_u"], recorded[key], abs_tol=1e-9):
+            # one probe's worth of slack: a probe that sits on its boundary may be classified either way by
+            # another batch composition's rounding (seen once, at epoch 16, L-inf 0.1)
+            if recorded is not None and not math.isclose(line["s_u"], recorded[key], abs_tol=1.5 / len(x)):
                 raise SystemExit(f"{name} {key}: s_u gives {line['s_u']}, the row on record {recorded[key]}: "
                                  "not the recorded weights or probes")
             lines.append(line)

@@ -9,8 +9,8 @@ first-order estimate d_1 is the minimum over k (DeepFool's first step, in both n
 that the exact Fisher already takes, on the recorded graph. For many classes (C > 64) the minimum runs over the
 `candidates` (default 32) most probable other classes, DeepFool's own practice for ImageNet (its `num_classes`
 candidates, 10 by default): 31 VJPs instead of 999, and gradients (B, 32, d) instead of (B, 999, d), which at
-224 px would not fit. A class outside them with a nearer boundary is missed, so the estimate can then only be
-longer; `bench/large_classes.py` measures how often on 1000-class models.
+224 px would not fit. A class outside them with a nearer boundary is missed, so d_1 can then only be longer (the
+line search follows another direction); `bench/large_classes.py` measures the difference on 1000-class models.
 
 `line_steps > 0` (the default) then follows the arg-min class's steepest direction u (u = -g / |g|_2 for L2,
 -sign(g) for L-inf, unit in the norm) to where the prediction actually changes: x + d_1 u is tested (just
@@ -24,12 +24,12 @@ equals d_1 for a linear model. Where the class does not change within 2^_EXPANSI
 Cost: one forward pass per tested point, about 10 with the default (the widening only where the class has not
 changed yet).
 
-Known bias, measured against AutoAttack in `bench/tracking.py`: where the margin bends up along u (s_u > d_1),
-the true distance lies between d_1 and s_u and the estimate is d_1. On small CNNs trained plainly on
-Fashion-MNIST AutoAttack finds adversarial examples well inside s_u (s_u overstated robust accuracy by 15 points
-at the median) but a little beyond d_1 (d_1 understates it by about 4 points); on a digits MLP s_u matches the
-minimum-norm attack FAB and d_1 is 10% (L2) to 25% (L-inf) shorter. The estimate errs towards less robust where
-the geometry is not linear. Inputs are not clipped to a data range unless `bounds` is given: attacks that clip
+Known bias, measured against AutoAttack (`bench/estimate_parts.py`, `bench/tracking.py`): where the margin bends
+up along u (s_u > d_1), the minimal perturbation lies anywhere below s_u and the estimate is d_1. On small CNNs
+trained plainly on Fashion-MNIST AutoAttack finds adversarial examples well inside s_u (s_u overstated robust
+accuracy by 15 points at the median) but a little beyond d_1 (d_1 understates it by about 4 points); on a digits
+MLP s_u matches the minimum-norm attack FAB and d_1 is shorter (`tests/test_robustness.py`). The estimate errs
+towards less robust where the geometry is not linear. Inputs are not clipped to a data range unless `bounds` is given: attacks that clip
 (to pixels in [0, 1]) search a smaller set.
 
 A misclassified sample counts as not robust. A sample with a non-finite output or gradient gets NaN (warned
