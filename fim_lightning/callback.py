@@ -166,7 +166,9 @@ class FisherRobustnessCallback(*CALLBACK_BASES):  # type: ignore[misc]  # each i
         collapse_drop: the robust-collapse alarm: ``{prefix}/alarm/robust_collapse`` is 1 at an evaluation where
             the estimated robust accuracy at some radius fell below (1 - collapse_drop) times its best so far (a
             best of at least 5%), else 0, with a warning when it fires (catastrophic overfitting). Stop on it with
-            ``EarlyStopping(monitor="fim/alarm/robust_collapse", mode="min", divergence_threshold=0.5)``. Beside it,
+            ``EarlyStopping(monitor="fim/alarm/robust_collapse", mode="min", divergence_threshold=0.5)`` in
+            adversarial training: a plainly trained model's robust accuracy at large radii is small and swings
+            enough to fire it too (`bench/tracking.py`: AutoAttack's own curve did). Beside it,
             ``{prefix}/robust_drop/{norm}/{eps}`` is the best estimated robust accuracy so far minus the current one
             (robust overfitting: it grows after the peak); keep the most robust checkpoint with
             ``ModelCheckpoint(monitor="fim/robust_accuracy/{norm}/{eps}", mode="max")``.

@@ -29,8 +29,8 @@ up along u (s_u > d_1), the minimal perturbation lies anywhere below s_u and the
 trained plainly on Fashion-MNIST AutoAttack finds adversarial examples well inside s_u (s_u overstated robust
 accuracy by 15 points at the median) but a little beyond d_1 (d_1 understates it by about 4 points); on a digits
 MLP s_u matches the minimum-norm attack FAB and d_1 is shorter (`tests/test_robustness.py`). The estimate errs
-towards less robust where the geometry is not linear. Inputs are not clipped to a data range unless `bounds` is given: attacks that clip
-(to pixels in [0, 1]) search a smaller set.
+towards less robust where the geometry is not linear. Inputs are not clipped to a data range unless `bounds` is
+given: attacks that clip (to pixels in [0, 1]) search a smaller set.
 
 A misclassified sample counts as not robust. A sample with a non-finite output or gradient gets NaN (warned
 about by index, as every estimator of the package) and counts as not robust.

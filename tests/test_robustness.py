@@ -1,7 +1,6 @@
 """Estimated minimal perturbation and robust accuracy against independent references: the closed form of a linear
 model in both norms, and a trained network's minimal perturbations found by an attack (FAB, AutoAttack's
 minimum-norm attack, from the reference `pyautoattack` package)."""
-import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
