@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import autoattack_robust, machine, quiet_lightning  # noqa: E402
-from bench.tracking import AA_RADII, RESULTS, RESUME, components, load_rows, margin_gradients, prepared  # noqa: E402
-from recipes.models import SmallCNN  # noqa: E402
+from bench.tracking import (AA_RADII, RESULTS, RESUME, components, load_rows, margin_gradients,  # noqa: E402
+                            network, prepared)
 
 PROBES = 256
 KEPT = RESULTS / "kept" / "fashion_mnist_plain_s0_e30_t5000_s_u"
@@ -81,14 +81,14 @@ def main() -> None:
             if (row["regime"], row["seed"], row["estimator"]) == ("plain", 0, "s_u")}
     for path in sorted(KEPT.glob("epoch*.pt"), key=lambda p: int(p.stem.removeprefix("epoch"))):
         epoch = int(path.stem.removeprefix("epoch"))
-        net = SmallCNN(1, 10)
+        net = network(1)
         net.load_state_dict(torch.load(path))
         row = rows[epoch]
         keys = [k.removeprefix("apgd/") for k in row if k.startswith("apgd/")]
         lines += score(f"Fashion-MNIST plain, epoch {epoch}", net, x, y, "fashion_mnist",
                        {k: row[f"apgd/{k}"] for k in keys}, {k: row[f"estimate_aa_probes/{k}"] for k in keys})
     checkpoint = torch.load(CALIBRATED, weights_only=False)
-    net = SmallCNN(3, 10, widths=(64, 128, 256))
+    net = network(3, (64, 128, 256))
     net.load_state_dict({key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items()
                          if key.startswith("net.")})
     x, y = (t[:PROBES] for t in prepared("cifar10", 1000).splits["test"].tensors)

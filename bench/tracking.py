@@ -327,6 +327,11 @@ def job_name(data: str, name: str, seed: int, epochs: int, train: int, train_eps
     return f"{data}_{name}_s{seed}_e{epochs}_t{train}{suffix}" + (f"_w{'-'.join(map(str, widths))}" if widths else "")
 
 
+def network(channels: int, widths: tuple[int, ...] | None = None) -> SmallCNN:
+    """The job's SmallCNN: its default widths, or `widths`."""
+    return SmallCNN(channels, 10, **({"widths": widths} if widths else {}))
+
+
 def _fit(data: str, name: str, seed: int, epochs: int, train: int, probes: int, train_eps: float,
          callbacks: Callable[[torch.Tensor, torch.Tensor], list], widths: tuple[int, ...] | None = None,
          ckpt_path: Path | None = None) -> None:
@@ -335,7 +340,7 @@ def _fit(data: str, name: str, seed: int, epochs: int, train: int, probes: int, 
     pl.seed_everything(seed, workers=True)
     datamodule = prepared(data, train)
     x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
-    net = SmallCNN(datamodule.in_channels, 10, **({"widths": widths} if widths else {}))
+    net = network(datamodule.in_channels, widths)
     module = FisherRegularizedClassifier(net, 10, optimizer=OPTIMIZER,
                                          scheduler=cosine(epochs), **regime(name, data, train_eps))
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -422,7 +427,7 @@ def standard(data: str, name: str, seed: int, epochs: int, train: int, probes: i
     folder = RESUME / job_name(data, name, seed, epochs, train, train_eps, widths)
     rows = []
     for epoch in sorted(selected_epochs(done, data) - set(existing)):
-        net = SmallCNN(datamodule.in_channels, 10, **({"widths": widths} if widths else {}))
+        net = network(datamodule.in_channels, widths)
         net.load_state_dict(torch.load(folder / f"epoch{epoch}.pt"))
         net.eval()
         row = {**job, "machine": machine(), "epoch": epoch}
@@ -444,7 +449,7 @@ def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, 
     train_eps = default_train_eps(data, name) if train_eps is None else train_eps
     datamodule = prepared(data, train)
     x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
-    net = SmallCNN(datamodule.in_channels, 10, **({"widths": widths} if widths else {}))
+    net = network(datamodule.in_channels, widths)
     folder = RESULTS / "weights" / job_name(data, name, seed, epochs, train, train_eps, widths)
     net.load_state_dict(torch.load(folder / f"epoch{epoch}.pt"))
     net.eval()

@@ -110,7 +110,9 @@ def test_trained_network_distance_against_the_minimum_norm_attack(trained_digits
     assert ((estimate - reference).abs() <= (first - reference).abs() + 1e-6).all()
     error = torch.log(estimate / reference)
     assert -median <= error.median() <= 0 and error.abs().quantile(0.9) <= p90, error
-    assert torch.log(searched / reference).abs().median() <= 0.02  # the line search alone finds FAB's distance
+    line_error = torch.log(searched / reference).abs()  # the line search alone finds FAB's distance
+    assert line_error.median() <= 0.02 and line_error.quantile(0.9) <= 0.1, line_error
+    assert spearmanr(searched, reference)[0] >= 0.98
     assert spearmanr(estimate, reference)[0] >= 0.95
 
 
