@@ -118,7 +118,7 @@ def components(net: torch.nn.Module, x: torch.Tensor) -> dict[str, dict[str, tor
         found = margin_gradients_of(op)
         parts: dict[str, dict[str, torch.Tensor]] = {"first_order": {}, "line_search": {}}
         for norm in ("l2", "linf"):
-            searched = minimal_perturbation(op, norm, bounds=(0.0, 1.0), margins=found)
+            searched = minimal_perturbation(op, norm, bounds=(0.0, 1.0), margins=found, cutoff=math.inf)
             parts["first_order"][norm] = minimal_perturbation(op, norm, line_steps=0, margins=found).distance
             shift = (searched.point - x).flatten(1).to(torch.float64).norm(p=2 if norm == "l2" else math.inf, dim=1)
             parts["line_search"][norm] = torch.where(searched.crossed, shift, math.inf)
@@ -445,25 +445,37 @@ def standard(data: str, name: str, seed: int, epochs: int, train: int, probes: i
 
 def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, epoch: int,
          train_eps: float | None = None, widths: tuple[int, ...] | None = None) -> str:
-    """The estimate's cost against PGD-20 at every radius, in one process, on a saved epoch's weights."""
+    """The estimate's cost against PGD-20 at every radius, in one process, on a saved epoch's weights (those of
+    every epoch under `weights/`, else the kept ones beside the job's checkpoint); beside it, the same estimate
+    with the line search followed to the class change everywhere (`cutoff=inf`, the search before its cut)."""
     train_eps = default_train_eps(data, name) if train_eps is None else train_eps
     datamodule = prepared(data, train)
     x, y = (t[:probes] for t in datamodule.splits["test"].tensors)
     net = network(datamodule.in_channels, widths)
-    folder = RESULTS / "weights" / job_name(data, name, seed, epochs, train, train_eps, widths)
-    net.load_state_dict(torch.load(folder / f"epoch{epoch}.pt"))
+    job = job_name(data, name, seed, epochs, train, train_eps, widths)
+    saved = RESULTS / "weights" / job / f"epoch{epoch}.pt"
+    net.load_state_dict(torch.load(saved if saved.exists() else RESUME / job / f"epoch{epoch}.pt"))
     net.eval()
     start = time.perf_counter()
-    robust_distances(net, x, ("l2", "linf"), mode="eval", bounds=(0.0, 1.0))
+    distances = robust_distances(net, x, ("l2", "linf"), mode="eval", bounds=(0.0, 1.0))
     estimate = time.perf_counter() - start
+    start = time.perf_counter()
+    with fl.preserved_state(net, x):
+        op = fl.FisherOperator(net, x)
+        found = margin_gradients_of(op)
+        full = {norm: minimal_perturbation(op, norm, bounds=(0.0, 1.0), margins=found, cutoff=math.inf).distance
+                for norm in ("l2", "linf")}
+    uncut = time.perf_counter() - start
+    same = all(torch.equal(distances[norm], full[norm]) for norm in distances)
     start = time.perf_counter()
     for norm, radii in RADII[data].items():
         for eps in radii:
             attacks.robust_accuracy(net, x, y, norm=norm, eps=eps, steps=20, step_size=eps / 4)
     pgd = time.perf_counter() - start
     return (f"machine: {machine()}\n{data} {name} seed {seed} epoch {epoch}, {len(x)} probes: "
-            f"estimate {estimate:.1f} s, "
-            f"PGD-20 at {sum(map(len, RADII[data].values()))} radii {pgd:.1f} s, ratio {estimate / pgd:.3f}")
+            f"estimate {estimate:.1f} s (the search uncut {uncut:.1f} s, distances {'equal' if same else 'DIFFER'}), "
+            f"PGD-20 at {sum(map(len, RADII[data].values()))} radii {pgd:.1f} s, ratio {estimate / pgd:.3f} "
+            f"(uncut {uncut / pgd:.3f})")
 
 
 def main() -> None:
@@ -498,7 +510,10 @@ def main() -> None:
     if args.report:
         from bench.tracking_report import report
 
-        text = report(args.data, load_rows(args.data), load_calibration())
+        standard_rows = RESULTS / f"{args.data}_standard.jsonl"
+        text = report(args.data, load_rows(args.data), load_calibration(),
+                      [json.loads(line) for line in standard_rows.read_text().splitlines()]
+                      if standard_rows.exists() else [])
         (RESULTS / f"{args.data}.md").write_text(text)
         print(text)
         return

@@ -154,6 +154,10 @@ def test_bad_arguments_fail_at_construction():
         fl.FisherRobustnessCallback(method="svd")
     with pytest.raises(MisconfigurationException, match=r"\['top_k'\] do not apply"):
         fl.FisherRobustnessCallback(method="power", estimator_options={"top_k": 3})
+    with pytest.raises(MisconfigurationException, match="collapse_drop must be <= 1"):
+        fl.FisherRobustnessCallback(collapse_drop=1.5)
+    with pytest.raises(MisconfigurationException, match="collapse_floor must be >= 0"):
+        fl.FisherRobustnessCallback(collapse_floor=-0.1)
 
 
 def test_explicit_dataset_and_model_attribute(tmp_path):

@@ -1,13 +1,15 @@
 """Estimated minimal perturbation and robust accuracy against independent references: the closed form of a linear
 model in both norms, and a trained network's minimal perturbations found by an attack (FAB, AutoAttack's
 minimum-norm attack, from the reference `pyautoattack` package)."""
+import math
+
 import pytest
 import torch
 from scipy.stats import spearmanr
 from torch import nn
 
 import fim_lightning as fl
-from fim_lightning.robustness import minimal_perturbation
+from fim_lightning.robustness import margin_gradients, minimal_perturbation
 
 
 def _linear(classes=5, dim=6, seed=0):
@@ -85,6 +87,34 @@ def trained_digits_net():
     return net, test_x[keep][:60], test_y[keep][:60]
 
 
+@pytest.mark.parametrize("bounds", [None, (0.0, 1.0)])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_the_search_stops_where_it_cannot_shorten_the_distance(trained_digits_net, norm, bounds):
+    """The cutoff (d_1) changes no distance: min(d_1, s_u) of the search that follows u to the class change
+    everywhere (`cutoff=inf`), with fewer samples evaluated (counted by a forward hook)."""
+    net, x, _ = trained_digits_net
+    evaluated = []
+    hook = net.register_forward_hook(lambda module, inputs, output: evaluated.append(len(inputs[0])))
+    try:
+        runs = {}
+        for cutoff in (None, math.inf):
+            with fl.preserved_state(net, x):
+                op = fl.FisherOperator(net, x)
+                found = margin_gradients(op)
+                evaluated.clear()
+                runs[cutoff] = minimal_perturbation(op, norm, bounds=bounds, margins=found, cutoff=cutoff), \
+                    sum(evaluated)
+                first = minimal_perturbation(op, norm, line_steps=0, margins=found).distance
+    finally:
+        hook.remove()
+    (cut, cut_rows), (full, full_rows) = runs[None], runs[math.inf]
+    shift = (full.point - x).flatten(1).double().norm(p=2 if norm == "l2" else math.inf, dim=1)
+    searched = torch.where(full.crossed, shift, math.inf)  # s_u alone, where the full search found the change
+    torch.testing.assert_close(cut.distance, torch.minimum(first, searched), rtol=1e-6, atol=1e-7)  # float32 x
+    torch.testing.assert_close(cut.distance, full.distance, rtol=0, atol=0)
+    assert cut_rows < full_rows, (cut_rows, full_rows)
+
+
 @pytest.mark.parametrize("norm, fab_norm, median, p90", [("l2", "L2", 0.12, 0.22), ("linf", "Linf", 0.3, 0.36)])
 def test_trained_network_distance_against_the_minimum_norm_attack(trained_digits_net, norm, fab_norm, median, p90):
     """FAB's minimum-norm adversarial examples, a reference d* per sample: the estimate min(d_1, s_u) is never above
@@ -102,7 +132,7 @@ def test_trained_network_distance_against_the_minimum_norm_attack(trained_digits
     estimate = fl.estimated_minimal_perturbation(net, x, norm, bounds=(0.0, 1.0))
     first = fl.estimated_minimal_perturbation(net, x, norm, line_steps=0)
     with fl.preserved_state(net, x):
-        found = minimal_perturbation(fl.FisherOperator(net, x), norm, bounds=(0.0, 1.0))
+        found = minimal_perturbation(fl.FisherOperator(net, x), norm, bounds=(0.0, 1.0), cutoff=math.inf)
     assert found.crossed.all() and (net(found.point).argmax(1) != y).all()  # each s_u: an adversarial point
     assert ((found.point >= 0) & (found.point <= 1)).all()
     searched = (found.point - x).flatten(1).norm(p=p, dim=1).double()
