@@ -58,9 +58,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "tracking"
 CALIBRATION = RESULTS / "calibration.jsonl"
 EPOCH_SEEDS = 1_000_003  # epoch e of seed s starts from torch.manual_seed(EPOCH_SEEDS * s + e)
 RESUME = RESULTS / "resume"  # committed: each job's last checkpoint and the weights its signals select
-# The estimate the rows record: "min(d1, s_u)" (the first-order step, shortened where the line search finds the class
-# change sooner: `fim_lightning.robustness`); rows without the key were recorded with the line search alone, s_u.
-ESTIMATOR = "min(d1, s_u)"
+# The estimate the rows record: "min(d_l, s_u)" (the linear step, shortened where the line search finds the class
+# change sooner: `fim_lightning.robustness`); "min(d1, s_u)" before it, rows without the key the line search alone,
+# s_u. Every row since "min(d1, s_u)" also keeps the estimate's parts per probe (`resume/<job>/probes.jsonl`), so
+# the report rescores those from them and a job continues across a change of estimator (`recorded`).
+ESTIMATOR = "min(d_l, s_u)"
 RADII = {"cifar10": {"l2": (0.125, 0.25, 0.5), "linf": (1 / 255, 2 / 255, 8 / 255)},
          "fashion_mnist": {"l2": (0.25, 0.5, 1.0), "linf": (0.02, 0.05, 0.1)}}
 AA_RADII = {"cifar10": {"l2": (0.25, 0.5), "linf": (2 / 255, 8 / 255)},
@@ -111,15 +113,19 @@ def margin_gradients(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
 
 
 def components(net: torch.nn.Module, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-    """Per norm, the estimate's two parts: the first-order step d1 and the line search's distance s_u to the
-    adversarial point it found (inf where it found none), from the operator the public functions open."""
+    """Per norm, the estimate's parts, from the operator the public functions open: the linear step d_l (to the
+    runner-up class), the first-order step d1 (the minimum over classes, whose direction the line search follows)
+    and the line search's distance s_u to the adversarial point it found, followed to the class change (inf
+    where it found none)."""
     with fl.preserved_state(net, x):
         op = fl.FisherOperator(net, x)
         found = margin_gradients_of(op)
-        parts: dict[str, dict[str, torch.Tensor]] = {"first_order": {}, "line_search": {}}
+        parts: dict[str, dict[str, torch.Tensor]] = {"linear_step": {}, "first_order": {}, "line_search": {}}
         for norm in ("l2", "linf"):
+            dual = found.gradients.flatten(2).to(torch.float64).norm(p=2 if norm == "l2" else 1, dim=2)
+            steps = found.margins / dual
+            parts["linear_step"][norm], parts["first_order"][norm] = steps[:, 0], steps.min(dim=1).values
             searched = minimal_perturbation(op, norm, bounds=(0.0, 1.0), margins=found, cutoff=math.inf)
-            parts["first_order"][norm] = minimal_perturbation(op, norm, line_steps=0, margins=found).distance
             shift = (searched.point - x).flatten(1).to(torch.float64).norm(p=2 if norm == "l2" else math.inf, dim=1)
             parts["line_search"][norm] = torch.where(searched.crossed, shift, math.inf)
     return parts
@@ -135,8 +141,8 @@ def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, data: str, 
     distances = robust_distances(net, x, ("l2", "linf"), mode="eval", bounds=(0.0, 1.0))
     row["estimate_s"] = time.perf_counter() - start
     parts = components(net, x)
-    for norm in ("l2", "linf"):  # the public estimate is min(d1, s_u) of the same parts
-        torch.testing.assert_close(distances[norm], torch.minimum(parts["first_order"][norm],
+    for norm in ("l2", "linf"):  # the public estimate is min(d_l, s_u) of the same parts
+        torch.testing.assert_close(distances[norm], torch.minimum(parts["linear_step"][norm],
                                                                   parts["line_search"][norm]), rtol=1e-6, atol=0)
     start = time.perf_counter()
     scores = fl.fisher_scores(net, x, mode="eval")
@@ -233,6 +239,19 @@ class Resumable(pl.Callback):
         """After `row` is on record (its network `net`)."""
 
 
+def rescored_job(done: dict[int, dict], folder: Path) -> dict[int, dict]:
+    """A job's rows (epoch -> row) with the estimate rescored by the current `ESTIMATOR` from the per-probe parts
+    kept beside its checkpoint (`bench.tracking_report.rescored`)."""
+    from bench.tracking_report import JOB, rescored
+
+    probes: dict = {}
+    path = folder / "probes.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        kept = recorded(json.loads(line))
+        probes.setdefault(tuple(kept.get(key) for key in JOB), {})[kept["epoch"]] = kept
+    return {row["epoch"]: row for row in rescored(list(done.values()), probes)}
+
+
 def selected_epochs(rows: dict[int, dict], data: str) -> set[int]:
     """The epochs that some signal selects as the most robust so far (the report's argmax, first of equals):
     the estimate, the linear step and APGD at each AutoAttack radius, -lambda_max and -grad norm."""
@@ -263,7 +282,7 @@ class EpochEvaluation(Resumable):
         with open(folder / "probes.jsonl", "a") as handle:  # per job: jobs run side by side
             handle.write(json.dumps({**self.job, "epoch": epoch, **self.probes}) + "\n")
         torch.save(net.state_dict(), self.weights / f"epoch{epoch}.pt")
-        keep = selected_epochs(self.done, self.job["data"])
+        keep = selected_epochs(rescored_job(self.done, folder), self.job["data"])
         if epoch in keep:
             torch.save(net.state_dict(), folder / f"epoch{epoch}.pt")
         for old in folder.glob("epoch*.pt"):
@@ -308,7 +327,13 @@ def load_rows(data: str) -> list[dict]:
     written before `estimator` was recorded estimated with the line search alone."""
     path = RESULTS / f"{data}.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return [{"train_eps": TRAIN_EPS[row["data"]], "estimator": "s_u", **row} for row in rows]
+    return [recorded({"train_eps": TRAIN_EPS[row["data"]], "estimator": "s_u", **row}) for row in rows]
+
+
+def recorded(row: dict) -> dict:
+    """The row with `recorded`: "parts" where the estimate's parts were kept per probe (every estimator since
+    "min(d1, s_u)"), else "s_u"; the job key in place of the estimator."""
+    return {**row, "recorded": "s_u" if row["estimator"] == "s_u" else "parts"}
 
 
 def load_calibration() -> list[dict]:
@@ -359,7 +384,7 @@ def supersede(path: Path, rows) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-JOB_KEYS = ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps", "estimator", "widths")
+JOB_KEYS = ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps", "recorded", "widths")
 
 
 def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int,
@@ -372,7 +397,7 @@ def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: in
     job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
            "aa_probes": aa_probes, "train_eps": train_eps, "machine": machine()}
     if not calibrate:
-        job["estimator"] = ESTIMATOR
+        job.update(estimator=ESTIMATOR, recorded="parts")
     if widths:
         job["widths"] = list(widths)
     done = on_record(load_calibration() if calibrate else load_rows(data), job, JOB_KEYS)
@@ -412,7 +437,7 @@ def standard(data: str, name: str, seed: int, epochs: int, train: int, probes: i
     checkpoint), for an ended job; rows appended to `<data>_standard.jsonl`, an epoch already there skipped."""
     train_eps = default_train_eps(data, name) if train_eps is None else train_eps
     job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
-           "aa_probes": aa_probes, "train_eps": train_eps, "estimator": ESTIMATOR}
+           "aa_probes": aa_probes, "train_eps": train_eps, "estimator": ESTIMATOR, "recorded": "parts"}
     if widths:
         job["widths"] = list(widths)
     done = on_record(load_rows(data), job, JOB_KEYS)
@@ -420,13 +445,17 @@ def standard(data: str, name: str, seed: int, epochs: int, train: int, probes: i
         raise SystemExit(f"{data} {name} seed {seed}: {len(done)} of {epochs} epochs on record; the standard "
                          "AutoAttack runs at the checkpoints selected over the whole run")
     path = RESULTS / f"{data}_standard.jsonl"
-    existing = on_record([json.loads(line) for line in path.read_text().splitlines()] if path.exists() else [],
-                         job, JOB_KEYS)
+    existing = on_record([recorded(json.loads(line)) for line in path.read_text().splitlines()]
+                         if path.exists() else [], job, JOB_KEYS)
     datamodule = prepared(data, train)
     x, y = (t[:aa_probes] for t in datamodule.splits["test"].tensors)
     folder = RESUME / job_name(data, name, seed, epochs, train, train_eps, widths)
     rows = []
-    for epoch in sorted(selected_epochs(done, data) - set(existing)):
+    for epoch in sorted(selected_epochs(rescored_job(done, folder), data) - set(existing)):
+        if not (folder / f"epoch{epoch}.pt").exists():  # selected by a rescored estimate after the job ended
+            print(f"{data} {name} seed {seed}: epoch {epoch} is selected but its weights were not kept; the report "
+                  "takes APGD there")
+            continue
         net = network(datamodule.in_channels, widths)
         net.load_state_dict(torch.load(folder / f"epoch{epoch}.pt"))
         net.eval()
@@ -508,12 +537,17 @@ def main() -> None:
     args = parser.parse_args()
     quiet_lightning()
     if args.report:
-        from bench.tracking_report import report
+        from bench.tracking_report import JOB, report
 
         standard_rows = RESULTS / f"{args.data}_standard.jsonl"
+        probes: dict = {}
+        for path in sorted(RESUME.glob(f"{args.data}_*/probes.jsonl")):
+            for line in path.read_text().splitlines():
+                kept = recorded(json.loads(line))
+                probes.setdefault(tuple(kept.get(key) for key in JOB), {})[kept["epoch"]] = kept
         text = report(args.data, load_rows(args.data), load_calibration(),
-                      [json.loads(line) for line in standard_rows.read_text().splitlines()]
-                      if standard_rows.exists() else [])
+                      [recorded(json.loads(line)) for line in standard_rows.read_text().splitlines()]
+                      if standard_rows.exists() else [], probes)
         (RESULTS / f"{args.data}.md").write_text(text)
         print(text)
         return

@@ -169,8 +169,8 @@ class FisherRobustnessCallback(*CALLBACK_BASES):  # type: ignore[misc]  # each i
             at some radius, the estimated robust share of the correctly classified probes (robust accuracy over
             ``{prefix}/accuracy``) fell below (1 - collapse_drop) times its best so far (`fim_lightning.robustness.
             collapsed`), else 0, with a warning when it fires (catastrophic overfitting). The defaults were chosen
-            on seed 0 of `bench/tracking.py` (FGSM-AT and plain training, Fashion-MNIST): it fired in the epoch of
-            the collapse and never in plain training. Stop on it with
+            on seed 0 of `bench/tracking.py` (FGSM-AT and plain training, Fashion-MNIST): there it fired in the
+            epoch of the collapse and never in plain training (seeds 1 and 2 test them). Stop on it with
             ``EarlyStopping(monitor="fim/alarm/robust_collapse", mode="min", divergence_threshold=0.5)``. Beside
             it, ``{prefix}/robust_drop/{norm}/{eps}`` is the best estimated robust accuracy so far minus the current
             one (robust overfitting: it grows after the peak); keep the most robust checkpoint with

@@ -386,7 +386,7 @@ class DistanceOptions(OperatorOptions, total=False):
     """`OperatorOptions` and those of the robustness estimate.
 
     Attributes:
-        line_steps: bisections of the line search (default 8; 0: the first-order step alone).
+        line_steps: bisections of the line search (default 8; 0: the linear step d_l alone).
         bounds: the box the inputs live in, e.g. (0, 1) for pixels, as attacks clip (default none).
         chunk_size: VJPs computed at once (bounds memory).
         candidates: the other classes considered (default: all for C <= 64, else the 32 most probable).
@@ -425,9 +425,10 @@ def robust_distances(model: Callable, inputs: Tensor, norms: Sequence[Norm],
 def estimated_minimal_perturbation(model: Callable, inputs: Tensor, norm: Norm = "l2",
                                    **options: Unpack[DistanceOptions]) -> Tensor:
     """(B,) estimated distance in `norm` ("l2" or "linf", in the units the model takes) from each sample to the
-    boundary of its predicted class (`fim_lightning.robustness`): the first-order step d_1, shortened to the
-    distance s_u where a line search along its direction (`line_steps` bisections, inside the box `bounds` when
-    given; `DistanceOptions`) finds the class changed, if that is shorter: min(d_1, s_u).
+    boundary of its predicted class (`fim_lightning.robustness`): the linear step d_l = (z_1 - z_2) /
+    |grad (z_1 - z_2)|_q (q the dual norm), shortened to the distance s_u where a line search along the nearest
+    first-order boundary's direction (`line_steps` bisections, inside the box `bounds` when given;
+    `DistanceOptions`) finds the class changed, if that is shorter: min(d_l, s_u).
 
     Examples:
         >>> import torch, fim_lightning as fl

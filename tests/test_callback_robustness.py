@@ -238,8 +238,8 @@ def test_collapse_is_a_fall_of_the_robust_share_of_correct_samples():
     assert [collapsed(fgsm[: i + 1], fgsm_clean[: i + 1]) for i in range(4)] == [False, False, False, True]
     assert not collapsed([0.322, 0.348, 0.098], [0.729, 0.807, 0.588])
     assert collapsed([0.322, 0.348, 0.098], [0.729, 0.807, 0.807])  # the same fall with clean accuracy held
-    assert not collapsed([0.15, 0.001], [0.8, 0.8])  # a best share of 0.19 < the floor 0.2
-    assert collapsed([0.15, 0.001], [0.8, 0.8], floor=0.1)
+    assert not collapsed([0.2, 0.001], [0.8, 0.8])  # a best share of 0.25 < the floor 0.3
+    assert collapsed([0.2, 0.001], [0.8, 0.8], floor=0.2)
     assert collapsed([0.4, 0.15], [0.8, 0.8], drop=0.5) and not collapsed([0.4, 0.15], [0.8, 0.8])
     assert not collapsed([0.4, float("nan")], [0.8, 0.8]) and collapsed([0.4, float("nan"), 0.01], [0.8, 0.8, 0.8])
 
