@@ -1,9 +1,9 @@
-"""The robustness estimate's parts against AutoAttack on kept weights: why the estimate is min(d1, s_u).
+"""The robustness estimate's parts against AutoAttack on kept weights: the estimate min(d_l, s_u) and the others.
 
 For each network, on the first 256 probes, the robust accuracy at the tracking sweep's AutoAttack radii
-(`bench.tracking.AA_RADII`) from: the line search's adversarial point alone (s_u, the estimate before
-min(d1, s_u)), the first-order step alone (d1), the estimate min(d1, s_u), and the linear-step baseline
-(top-2 margin / grad norm), against APGD-CE + APGD-T (`pyautoattack`, the sweep's settings):
+(`bench.tracking.AA_RADII`) from: the line search's adversarial point alone (s_u, the first estimate), the
+first-order step alone (d1), min(d1, s_u) (the second), the linear-step baseline d_l (top-2 margin / grad norm)
+and the estimate min(d_l, s_u), against APGD-CE + APGD-T (`pyautoattack`, the sweep's settings):
 - Fashion-MNIST, the plain SmallCNN at the five epochs kept from the sweep's first plain run (estimated with s_u
   alone; `bench/results/tracking/kept/`), APGD from that run's rows (same weights, same probes; the recorded
   estimate is recomputed here, to within one probe, as a check that they are);
@@ -31,20 +31,21 @@ from bench.tracking import (AA_RADII, RESULTS, RESUME, components, load_rows, ma
 PROBES = 256
 KEPT = RESULTS / "kept" / "fashion_mnist_plain_s0_e30_t5000_s_u"
 CALIBRATED = RESUME / "calibration" / "cifar10_pgd_at_s0_e100_t1000_w64-128-256" / "last.ckpt"
-SIGNALS = ("s_u", "d1", "min(d1, s_u)", "linear")
+SIGNALS = ("s_u", "d1", "min(d1, s_u)", "linear", "min(d_l, s_u)")
 
 
 def distances(net: torch.nn.Module, x: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
     """signal -> norm -> (N,) distance."""
     parts = components(net, x)
     margin, grad_l2, grad_l1 = margin_gradients(net, x)
-    out: dict[str, dict[str, np.ndarray]] = {"s_u": {}, "d1": {}, "min(d1, s_u)": {}, "linear": {}}
+    out: dict[str, dict[str, np.ndarray]] = {signal: {} for signal in SIGNALS}
     for norm in ("l2", "linf"):
         searched, first = parts["line_search"][norm], parts["first_order"][norm]
         out["s_u"][norm] = torch.where(torch.isinf(searched), first, searched).numpy()  # d1 where none found
         out["d1"][norm] = first.numpy()
         out["min(d1, s_u)"][norm] = torch.minimum(first, searched).numpy()
         out["linear"][norm] = (margin / (grad_l2 if norm == "l2" else grad_l1)).numpy()
+        out["min(d_l, s_u)"][norm] = torch.minimum(parts["linear_step"][norm], searched).numpy()  # the estimate
     return out
 
 

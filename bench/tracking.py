@@ -397,7 +397,7 @@ def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: in
     job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
            "aa_probes": aa_probes, "train_eps": train_eps, "machine": machine()}
     if not calibrate:
-        job.update(estimator=ESTIMATOR, recorded="parts")
+        job.update(estimator=ESTIMATOR, recorded="parts", search="cut")  # the line search's stop (`robustness`)
     if widths:
         job["widths"] = list(widths)
     done = on_record(load_calibration() if calibrate else load_rows(data), job, JOB_KEYS)

@@ -154,7 +154,7 @@ class FisherRobustnessCallback(*CALLBACK_BASES):  # type: ignore[misc]  # each i
             explicit `eps` raises.
         input_bounds: the box the inputs live in (e.g. ``(0.0, 1.0)`` for pixels), kept by the robustness
             estimate's line search as attacks keep it; default none.
-        line_steps: bisection steps of the robustness estimate's line search (0: the first-order step alone).
+        line_steps: bisection steps of the robustness estimate's line search (0: the linear step alone).
         attacks: real attacks that calibrate the estimate, keyed ``"{norm}/{eps}"`` (a radius of `eps`): each a
             callable ``(model, x, y) -> x_adv`` (a torchattacks or ART attack wrapped, or `recipes.attacks`). Every
             `attack_every_n` evaluations the first `attack_samples` probes are attacked; logged:
