@@ -252,6 +252,7 @@ def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: 
     lines += ["", "## Error against AutoAttack (points), over every epoch and radius with AutoAttack accuracy in "
               "[5%, 95%]\n",
               "| signal | points | median abs | p90 abs | mean signed | target |", "|---|---:|---:|---:|---:|---|"]
+    targets: dict[str, list] = {"rho": [], "gap": [], "alarm": [], "error": [], "cost": []}
     current = {key: epochs for key, epochs in runs.items() if key[-1] == "parts"}
     earlier = {key: epochs for key, epochs in runs.items() if key[-1] != "parts"}
     for signal, group, name in (
@@ -263,6 +264,8 @@ def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: 
         if len(errors):
             median, p90 = np.median(np.abs(errors)), np.quantile(np.abs(errors), 0.9)
             verdict = "met" if median <= 3 and p90 <= 6 else "missed"
+            if group is current and signal == "estimate_aa_probes":
+                targets["error"] = [median, p90, len(errors)]
             lines.append(f"| {name} | {len(errors)} | {median:.2f} | {p90:.2f} | {errors.mean():+.2f} | "
                          f"{f'<= 3 / <= 6: {verdict}' if group is current and signal == 'estimate_aa_probes' else ''}"
                          " |")
@@ -271,11 +274,14 @@ def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: 
               "| regime | seed | radius | epochs | rho estimate | rho linear | rho -lambda_max | rho -grad norm | "
               "estimate picks (AutoAttack there / best) | max abs error |",
               "|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
-    for (regime, seed, *_), epochs in runs.items():
+    for (regime, seed, *_, kind), epochs in runs.items():
         for key in keys:
             apgd = [row[f"aa/{key}"] for row in epochs]
             estimate = [row[f"estimate_aa_probes/{key}"] for row in epochs]
             picked = int(np.argmax(estimate))
+            if kind == "parts" and len(epochs) == epochs[0]["epochs"]:  # ended runs of the current estimate
+                targets["rho"].append(_spearman(estimate, apgd))
+                targets["gap"].append(100 * (max(apgd) - apgd[picked]))
             lines.append(
                 f"| {regime} | {seed} | {key} | {len(epochs)} | {_spearman(estimate, apgd):.2f} | "
                 f"{_spearman([row[f'linear_aa_probes/{key}'] for row in epochs], apgd):.2f} | "
@@ -292,7 +298,8 @@ def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: 
               "elsewhere never.\n",
               "| regime | seed | APGD collapse per radius | alarm (radius) | target |", "|---|---:|---|---|---|"]
     estimated = sorted({key.removeprefix("estimate/") for key in rows[0] if key.startswith("estimate/")})
-    for (regime, seed, *_), epochs in runs.items():
+    for key, epochs in runs.items():
+        regime, seed = key[:2]
         falls = {key: _first_collapse([row[f"apgd/{key}"] for row in epochs]) for key in keys}
         alarm, where = _first_alarm(epochs, estimated)
         first = min((e for e in falls.values() if e is not None), default=None)
@@ -300,6 +307,8 @@ def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: 
             verdict = "met" if alarm is not None and first is not None and alarm <= first else "missed"
         else:
             verdict = "met" if alarm is None else "missed"
+        if key[-1] == "parts":
+            targets["alarm"].append(verdict == "met")
         shown = ", ".join(f"{key} {e if e is not None else '-'}" for key, e in falls.items())
         lines.append(f"| {regime} | {seed} | {shown} | {f'{alarm} ({where})' if alarm is not None else '-'} | "
                      f"{verdict} |")
@@ -325,5 +334,37 @@ def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: 
                      f"{scale * np.median([row['apgd_s'] for row in timed]):.1f} | "
                      f"{pgd:.3f} ({'met' if pgd <= 0.1 else 'missed'}: <= 0.1) | "
                      f"{apgd:.4f} ({'met' if apgd <= 0.01 else 'missed'}: <= 0.01) |")
+        if group:
+            targets["cost"] = [pgd, apgd, len(timed)]
     lines.append("")
-    return "\n".join(lines)
+    at = lines.index("## Error against AutoAttack (points), over every epoch and radius with AutoAttack accuracy in "
+                     "[5%, 95%]\n") - 1
+    return "\n".join(lines[:at] + targets_section(targets) + lines[at:])
+
+
+def targets_section(targets: dict[str, list]) -> list[str]:
+    """The issue's targets, each with its figure so far (the current estimate's runs; Spearman and picks over
+    the ended runs only)."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "missed"
+
+    lines = ["## Targets so far\n", "| target | figure | verdict |", "|---|---|---|"]
+    if targets["error"]:
+        median, p90, count = targets["error"]
+        lines.append(f"| median / p90 abs error <= 3 / 6 points | {median:.2f} / {p90:.2f} over {count} points | "
+                     f"{verdict(median <= 3 and p90 <= 6)} |")
+    if targets["rho"]:
+        rho = np.array(targets["rho"])
+        lines.append(f"| Spearman over epochs >= 0.9 per run and radius | {int((rho >= 0.9).sum())} of {len(rho)}, "
+                     f"lowest {np.nanmin(rho):.2f} | {verdict(bool((rho >= 0.9).all()))} |")
+        gap = np.array(targets["gap"])
+        lines.append(f"| estimate's pick within 1 point of the best | {int((gap <= 1).sum())} of {len(gap)}, worst "
+                     f"{gap.max():.1f} points | {verdict(bool((gap <= 1).all()))} |")
+    if targets["alarm"]:
+        lines.append(f"| alarm at the collapse, never elsewhere | {sum(targets['alarm'])} of "
+                     f"{len(targets['alarm'])} runs | {verdict(all(targets['alarm']))} |")
+    if targets["cost"]:
+        pgd, apgd, count = targets["cost"]
+        lines.append(f"| cost <= 1/10 PGD-20, <= 1/100 AutoAttack | {pgd:.3f} / {apgd:.4f} over {count} epochs | "
+                     f"{verdict(pgd <= 0.1 and apgd <= 0.01)} |")
+    return lines + [""]
