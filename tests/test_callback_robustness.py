@@ -259,8 +259,15 @@ def test_the_collapse_alarm_fires_in_the_epoch_of_the_collapse_and_stops_trainin
     trainer(tmp_path / "q", [quiet], max_epochs=3).fit(_linear_module(lr=0.05), DataLoader(blobs(), batch_size=16),
                                                        DataLoader(blobs(n=48, seed=1), batch_size=16))
     assert [record["fim/alarm/robust_collapse"] for record in quiet.history] == [0.0, 0.0, 0.0]
-    for history in (callback.history, quiet.history):  # the drop from the best so far, from the logged values
-        for key in [key for key in history[0] if key.startswith("fim/robust_accuracy/")]:
+    from fim_lightning.robustness import collapsed
+
+    for history in (callback.history, quiet.history):  # the alarm and the drop, from the logged values
+        keys = [key for key in history[0] if key.startswith("fim/robust_accuracy/")]
+        clean = [record["fim/accuracy"] for record in history]
+        assert [record["fim/alarm/robust_collapse"] for record in history] == [
+            float(any(collapsed([record[key] for record in history[: i + 1]], clean[: i + 1]) for key in keys))
+            for i in range(len(history))]
+        for key in keys:
             values = [record[key] for record in history]
             drops = [record[key.replace("robust_accuracy", "robust_drop")] for record in history]
             assert drops == pytest.approx([max(values[: i + 1]) - value for i, value in enumerate(values)], abs=1e-12)
