@@ -289,6 +289,19 @@ def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: 
                 f"{_spearman([-row['grad_norm_median'] for row in epochs], apgd):.2f} | "
                 f"epoch {picked}: {apgd[picked]:.3f} / {max(apgd):.3f} | "
                 f"{100 * max(abs(a - b) for a, b in zip(estimate, apgd)):.1f} |")
+    lines += ["", "## The checkpoint each signal selects (its most robust epoch, the first of equals): AutoAttack "
+              "there\n", "| regime | seed | radius | AutoAttack's best | estimate | linear step | -lambda_max | "
+              "-grad norm |", "|---|---:|---|---|---|---|---|---|"]
+    for (regime, seed, *_), epochs in runs.items():
+        for key in keys:
+            apgd = [row[f"aa/{key}"] for row in epochs]
+            signals = ([row[f"estimate_aa_probes/{key}"] for row in epochs],
+                       [row[f"linear_aa_probes/{key}"] for row in epochs],
+                       [-row["lambda_max_median"] for row in epochs], [-row["grad_norm_median"] for row in epochs])
+            best = int(np.argmax(apgd))
+            picks = [int(np.argmax(values)) for values in signals]
+            lines.append(f"| {regime} | {seed} | {key} | epoch {epochs[best]['epoch']}: {apgd[best]:.3f} | " +
+                         " | ".join(f"epoch {epochs[p]['epoch']}: {apgd[p]:.3f}" for p in picks) + " |")
     lines += ["", "## Collapse: the alarm against APGD's curve\n",
               f"APGD's collapse: the first epoch at which APGD at some radius falls below {1 - COLLAPSE:g} x its best "
               f"so far (a best of at least 5%). The alarm: the callback's `collapsed` on the estimate at any of the "
