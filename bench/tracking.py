@@ -19,6 +19,7 @@ epoch's loss already differs (1.5417 against 1.5257 on record), and FGSM's sign(
 weights of every epoch (`--cost`) go to `bench/results/tracking/weights/`, not committed.
 
     python bench/tracking.py --sweep                                     # every job in order (each resumes)
+    python bench/tracking.py --sweep --shard 1/2                         # every other job, beside --shard 0/2
     python bench/tracking.py --data cifar10 --regime fgsm --seed 0       # one job (resumes)
     python bench/tracking.py --data cifar10 --report                     # the report from the rows so far
     python bench/tracking.py --data cifar10 --regime fgsm --standard     # standard AutoAttack, selected epochs
@@ -528,6 +529,9 @@ def main() -> None:
                                                                "checkpoint lost) starts again; its rows move to "
                                                                "<file>_superseded.jsonl")
     parser.add_argument("--sweep", action="store_true", help="every job of `SWEEP` in order, each resumed or skipped")
+    parser.add_argument("--shard", type=lambda text: tuple(int(part) for part in text.split("/")), default=(0, 1),
+                        metavar="I/N", help="with --sweep, the jobs I, I + N, ... of `SWEEP` (N processes side by "
+                                            "side, each with OMP_NUM_THREADS=1; default 0/1, every job)")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--standard", action="store_true", help="the standard AutoAttack at the epochs the signals "
                                                                 "select, for an ended job (the sweep runs it after "
@@ -535,6 +539,8 @@ def main() -> None:
     parser.add_argument("--cost", type=int, metavar="EPOCH", help="time the estimate against PGD-20 on that epoch's "
                                                                   "saved weights of the job")
     args = parser.parse_args()
+    if len(args.shard) != 2 or not 0 <= args.shard[0] < args.shard[1]:
+        parser.error(f"--shard must be I/N with 0 <= I < N, got {'/'.join(map(str, args.shard))}")
     quiet_lightning()
     if args.report:
         from bench.tracking_report import JOB, report
@@ -556,7 +562,8 @@ def main() -> None:
                    args.train_eps, args.widths))
         return
     if args.sweep:
-        for data, name, seed in SWEEP:  # a job that cannot be continued is skipped, with the reason
+        index, count = args.shard
+        for data, name, seed in SWEEP[index::count]:  # a job that cannot be continued is skipped, with the reason
             settings = {"epochs": args.epochs, "train": args.train, "probes": args.probes,
                         "aa_probes": args.aa_probes, **SWEEP_SETTINGS.get((data, name), {})}
             if run_job(data, name, seed, **settings):
