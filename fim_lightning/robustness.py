@@ -217,6 +217,10 @@ def collapsed(robust: Sequence[float], accuracy: Sequence[float], drop: float = 
     a_s, with that best at least `floor`. Dividing by a_t ignores the swings of plain training, where clean and
     robust accuracy move together; a share that never reached `floor` (a radius the model was not made robust at)
     cannot collapse. NaN points are skipped."""
+    check_real("drop", drop, 0.0, strict=True, maximum=1.0)
+    check_real("floor", floor, 0.0, maximum=1.0)
+    if len(robust) != len(accuracy):
+        raise ValueError(f"robust and accuracy must be curves of one length, got {len(robust)} and {len(accuracy)}")
     shares = [r / a if a > 0 else 0.0 for r, a in zip(robust, accuracy) if not (math.isnan(r) or math.isnan(a))]
     if len(shares) < 2 or not (math.isfinite(robust[-1]) and math.isfinite(accuracy[-1])):
         return False

@@ -242,6 +242,12 @@ def test_collapse_is_a_fall_of_the_robust_share_of_correct_samples():
     assert collapsed([0.2, 0.001], [0.8, 0.8], floor=0.2)
     assert collapsed([0.4, 0.15], [0.8, 0.8], drop=0.5) and not collapsed([0.4, 0.15], [0.8, 0.8])
     assert not collapsed([0.4, float("nan")], [0.8, 0.8]) and collapsed([0.4, float("nan"), 0.01], [0.8, 0.8, 0.8])
+    with pytest.raises(ValueError, match="drop must be <= 1"):
+        collapsed([0.4, 0.1], [0.8, 0.8], drop=2.0)
+    with pytest.raises(ValueError, match="floor must be >= 0"):
+        collapsed([0.4, 0.1], [0.8, 0.8], floor=-1.0)
+    with pytest.raises(ValueError, match="one length, got 2 and 1"):
+        collapsed([0.4, 0.1], [0.8])
 
 
 def test_the_collapse_alarm_fires_in_the_epoch_of_the_collapse_and_stops_training_through_early_stopping(tmp_path):
