@@ -306,8 +306,8 @@ def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: 
               f"APGD's collapse: the first epoch at which APGD at some radius falls below {1 - COLLAPSE:g} x its best "
               f"so far (a best of at least 5%). The alarm: the callback's `collapsed` on the estimate at any of the "
               f"{len({k.split('/', 1)[1] for k in rows[0] if k.startswith('estimate/')})} estimated radii (the "
-              f"robust share of correct probes below {1 - COLLAPSE_DROP:.3g} x its best so far, a best of at least "
-              f"{COLLAPSE_FLOOR:g}; defaults chosen on seed 0). Target: in FGSM-AT at or before the collapse, "
+              f"robust share of correct probes below {1 - COLLAPSE_DROP:.3g} x its value at the epoch before, that "
+              f"at least {COLLAPSE_FLOOR:g}; defaults chosen on seed 0). Target: in FGSM-AT at or before the collapse, "
               "elsewhere (and in an FGSM-AT run that did not collapse) never.\n",
               "| regime | seed | APGD collapse per radius | alarm (radius) | target |", "|---|---:|---|---|---|"]
     estimated = sorted({key.removeprefix("estimate/") for key in rows[0] if key.startswith("estimate/")})

@@ -167,15 +167,17 @@ class FisherRobustnessCallback(*CALLBACK_BASES):  # type: ignore[misc]  # each i
         attack_gap: the |gap| that warns.
         collapse_drop: the robust-collapse alarm: ``{prefix}/alarm/robust_collapse`` is 1 at an evaluation where,
             at some radius, the estimated robust share of the correctly classified probes (robust accuracy over
-            ``{prefix}/accuracy``) fell below (1 - collapse_drop) times its best so far (`fim_lightning.robustness.
-            collapsed`), else 0, with a warning when it fires (catastrophic overfitting). The defaults were chosen
-            on seed 0 of `bench/tracking.py` (FGSM-AT and plain training, Fashion-MNIST): there it fired in the
-            epoch of the collapse and never in plain training (seeds 1 and 2 test them). Stop on it with
-            ``EarlyStopping(monitor="fim/alarm/robust_collapse", mode="min", divergence_threshold=0.5)``. Beside
-            it, ``{prefix}/robust_drop/{norm}/{eps}`` is the best estimated robust accuracy so far minus the current
-            one (robust overfitting: it grows after the peak); keep the most robust checkpoint with
+            ``{prefix}/accuracy``) fell below (1 - collapse_drop) times its value at the evaluation before
+            (`fim_lightning.robustness.collapsed`), else 0, with a warning when it fires (catastrophic
+            overfitting: robust accuracy collapses within an epoch; evaluate once an epoch, the default). The
+            defaults were chosen on seed 0 of `bench/tracking.py` (FGSM-AT and plain training, Fashion-MNIST):
+            there it fired in the epoch of the collapse and never in plain training (seeds 1 and 2 test them).
+            Stop on it with ``EarlyStopping(monitor="fim/alarm/robust_collapse", mode="min",
+            divergence_threshold=0.5)``. Beside it, ``{prefix}/robust_drop/{norm}/{eps}`` is the best estimated
+            robust accuracy so far minus the current one (robust overfitting, a slow fall: it grows after the
+            peak); keep the most robust checkpoint with
             ``ModelCheckpoint(monitor="fim/robust_accuracy/{norm}/{eps}", mode="max")``.
-        collapse_floor: the best robust share a radius must have reached before it can collapse.
+        collapse_floor: the robust share a radius must have had at the evaluation before to collapse.
     """
 
     def __init__(
@@ -606,8 +608,9 @@ class FisherRobustnessCallback(*CALLBACK_BASES):  # type: ignore[misc]  # each i
             curve = [*before, stats]
             if collapsed([record[key] for record in curve], [record[accuracy] for record in curve],
                          self.collapse_drop, self.collapse_floor):
-                fired.append(f"{name}: {stats[key]:.3f} at accuracy {stats[accuracy]:.3f}, after a best robust "
-                             f"share of {max(r[key] / r[accuracy] for r in before if r[accuracy] > 0):.3f}")
+                previous = next(r for r in reversed(before) if not math.isnan(r[key] + r[accuracy]))
+                fired.append(f"{name}: {stats[key]:.3f} at accuracy {stats[accuracy]:.3f}, after "
+                             f"{previous[key]:.3f} at {previous[accuracy]:.3f}")
         if fired:
             rank_zero_warn(f"FisherRobustnessCallback: robust accuracy collapsed at step {trainer.global_step} "
                            f"({'; '.join(fired)}): catastrophic overfitting? Check with an attack (attacks=)")
