@@ -31,8 +31,8 @@ that cut the line search's time by about 4x against following u to the class cha
 
 Why d_l and not d_1 (chosen on seed 0 of `bench/tracking.py`, the report's candidate table): on Fashion-MNIST
 CNNs over FGSM-AT and plain training, the minimum over classes of first-order steps errs short (a minimum of
-noisy estimates), and min(d_1, s_u) understated AutoAttack's robust accuracy by 2.3 points at the median and
-8.6 at the 90th percentile, min(d_l, s_u) by 1.8 and 6.5, with the same Spearman over epochs. Known bias,
+noisy estimates): over both runs' 30 epochs min(d_1, s_u) was off AutoAttack's robust accuracy by 3.1 points at
+the median and 9.0 at the 90th percentile, min(d_l, s_u) by 2.3 and 6.6 (`docs/maths.md`). Known bias,
 measured against AutoAttack (`bench/estimate_parts.py`, `bench/tracking.py`): where the margin bends up along
 u (s_u > d_l), the minimal perturbation lies anywhere below s_u and the estimate is d_l. On small CNNs trained
 plainly on Fashion-MNIST AutoAttack finds adversarial examples well inside s_u (s_u overstated robust accuracy
