@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fim_lightning as fl  # noqa: E402
 from bench.common import autoattack_robust, machine, quiet_lightning  # noqa: E402
 from bench.regularization_frontier import OPTIMIZER, cosine, data_module  # noqa: E402
+from bench.tracking_report import ESTIMATOR, JOB, report, rescored  # noqa: E402
 from fim_lightning.module import FisherRegularizedClassifier  # noqa: E402
 from fim_lightning.functional import robust_distances  # noqa: E402
 from fim_lightning.robustness import margin_gradients as margin_gradients_of, minimal_perturbation  # noqa: E402
@@ -62,8 +63,8 @@ RESUME = RESULTS / "resume"  # committed: each job's last checkpoint and the wei
 # The estimate the rows record: "min(d_l, s_u)" (the linear step, shortened where the line search finds the class
 # change sooner: `fim_lightning.robustness`); "min(d1, s_u)" before it, rows without the key the line search alone,
 # s_u. Every row since "min(d1, s_u)" also keeps the estimate's parts per probe (`resume/<job>/probes.jsonl`), so
-# the report rescores those from them and a job continues across a change of estimator (`recorded`).
-ESTIMATOR = "min(d_l, s_u)"
+# the report rescores those from them and a job continues across a change of estimator (`recorded`). `ESTIMATOR` is
+# the report's (`bench.tracking_report`), where the candidates are scored.
 RADII = {"cifar10": {"l2": (0.125, 0.25, 0.5), "linf": (1 / 255, 2 / 255, 8 / 255)},
          "fashion_mnist": {"l2": (0.25, 0.5, 1.0), "linf": (0.02, 0.05, 0.1)}}
 AA_RADII = {"cifar10": {"l2": (0.25, 0.5), "linf": (2 / 255, 8 / 255)},
@@ -243,14 +244,17 @@ class Resumable(pl.Callback):
 def rescored_job(done: dict[int, dict], folder: Path) -> dict[int, dict]:
     """A job's rows (epoch -> row) with the estimate rescored by the current `ESTIMATOR` from the per-probe parts
     kept beside its checkpoint (`bench.tracking_report.rescored`)."""
-    from bench.tracking_report import JOB, rescored
+    return {row["epoch"]: row for row in rescored(list(done.values()), load_probes([folder / "probes.jsonl"]))}
 
+
+def load_probes(paths: list[Path]) -> dict:
+    """The per-probe values of `probes.jsonl` files: job fields (`bench.tracking_report.JOB`) -> epoch -> values."""
     probes: dict = {}
-    path = folder / "probes.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        kept = recorded(json.loads(line))
-        probes.setdefault(tuple(kept.get(key) for key in JOB), {})[kept["epoch"]] = kept
-    return {row["epoch"]: row for row in rescored(list(done.values()), probes)}
+    for path in paths:
+        for line in path.read_text().splitlines() if path.exists() else []:
+            kept = recorded(json.loads(line))
+            probes.setdefault(tuple(kept.get(key) for key in JOB), {})[kept["epoch"]] = kept
+    return probes
 
 
 def selected_epochs(rows: dict[int, dict], data: str) -> set[int]:
@@ -543,17 +547,11 @@ def main() -> None:
         parser.error(f"--shard must be I/N with 0 <= I < N, got {'/'.join(map(str, args.shard))}")
     quiet_lightning()
     if args.report:
-        from bench.tracking_report import JOB, report
-
         standard_rows = RESULTS / f"{args.data}_standard.jsonl"
-        probes: dict = {}
-        for path in sorted(RESUME.glob(f"{args.data}_*/probes.jsonl")):
-            for line in path.read_text().splitlines():
-                kept = recorded(json.loads(line))
-                probes.setdefault(tuple(kept.get(key) for key in JOB), {})[kept["epoch"]] = kept
         text = report(args.data, load_rows(args.data), load_calibration(),
                       [recorded(json.loads(line)) for line in standard_rows.read_text().splitlines()]
-                      if standard_rows.exists() else [], probes)
+                      if standard_rows.exists() else [],
+                      load_probes(sorted(RESUME.glob(f"{args.data}_*/probes.jsonl"))))
         (RESULTS / f"{args.data}.md").write_text(text)
         print(text)
         return

@@ -17,7 +17,7 @@ from scipy import stats
 from fim_lightning.robustness import COLLAPSE_DROP, COLLAPSE_FLOOR, collapsed
 
 IN_RANGE = (0.05, 0.95)
-ESTIMATOR = "min(d_l, s_u)"  # bench.tracking.ESTIMATOR: the estimate the callback logs
+ESTIMATOR = "min(d_l, s_u)"  # the estimate the callback logs, which the sweep's rows record
 COLLAPSE = 0.5  # the collapse of an attack's curve: below half its best (a best of at least 5%)
 JOB = ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps", "recorded")
 
