@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fim_lightning as fl  # noqa: E402
 from bench.common import autoattack_robust, machine, quiet_lightning  # noqa: E402
 from bench.regularization_frontier import OPTIMIZER, cosine, data_module  # noqa: E402
-from bench.tracking_report import ESTIMATOR, JOB, report, rescored  # noqa: E402
+from bench.tracking_report import ESTIMATOR, job_key, report, rescored  # noqa: E402
 from fim_lightning.module import FisherRegularizedClassifier  # noqa: E402
 from fim_lightning.functional import robust_distances  # noqa: E402
 from fim_lightning.robustness import margin_gradients as margin_gradients_of, minimal_perturbation  # noqa: E402
@@ -253,7 +253,7 @@ def load_probes(paths: list[Path]) -> dict:
     for path in paths:
         for line in path.read_text().splitlines() if path.exists() else []:
             kept = recorded(json.loads(line))
-            probes.setdefault(tuple(kept.get(key) for key in JOB), {})[kept["epoch"]] = kept
+            probes.setdefault(job_key(kept), {})[kept["epoch"]] = kept
     return probes
 
 
@@ -345,9 +345,10 @@ def load_calibration() -> list[dict]:
     return [json.loads(line) for line in CALIBRATION.read_text().splitlines()] if CALIBRATION.exists() else []
 
 
-def on_record(rows: list[dict], job: dict, keys: tuple[str, ...]) -> dict[int, dict]:
-    """epoch -> row of the rows that belong to `job` (equal in every one of `keys`)."""
-    return {row["epoch"]: row for row in rows if all(row.get(k) == job.get(k) for k in keys)}
+def on_record(rows: list[dict], job: dict) -> dict[int, dict]:
+    """epoch -> row of the rows that belong to `job` (the same `job_key`)."""
+    key = job_key(job)
+    return {row["epoch"]: row for row in rows if job_key(row) == key}
 
 
 def job_name(data: str, name: str, seed: int, epochs: int, train: int, train_eps: float,
@@ -389,9 +390,6 @@ def supersede(path: Path, rows) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-JOB_KEYS = ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps", "recorded", "widths")
-
-
 def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int,
             train_eps: float | None = None, calibrate: bool = False, widths: tuple[int, ...] | None = None,
             restart: bool = False) -> bool:
@@ -405,7 +403,7 @@ def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: in
         job.update(estimator=ESTIMATOR, recorded="parts", search="cut")  # the line search's stop (`robustness`)
     if widths:
         job["widths"] = list(widths)
-    done = on_record(load_calibration() if calibrate else load_rows(data), job, JOB_KEYS)
+    done = on_record(load_calibration() if calibrate else load_rows(data), job)
     label = f"{data} {name} seed {seed}"
     if len(done) >= epochs:
         print(f"{label}: all {epochs} epochs on record")
@@ -445,13 +443,13 @@ def standard(data: str, name: str, seed: int, epochs: int, train: int, probes: i
            "aa_probes": aa_probes, "train_eps": train_eps, "estimator": ESTIMATOR, "recorded": "parts"}
     if widths:
         job["widths"] = list(widths)
-    done = on_record(load_rows(data), job, JOB_KEYS)
+    done = on_record(load_rows(data), job)
     if len(done) < epochs:
         raise SystemExit(f"{data} {name} seed {seed}: {len(done)} of {epochs} epochs on record; the standard "
                          "AutoAttack runs at the checkpoints selected over the whole run")
     path = RESULTS / f"{data}_standard.jsonl"
     existing = on_record([recorded(json.loads(line)) for line in path.read_text().splitlines()]
-                         if path.exists() else [], job, JOB_KEYS)
+                         if path.exists() else [], job)
     datamodule = prepared(data, train)
     x, y = (t[:aa_probes] for t in datamodule.splits["test"].tensors)
     folder = RESUME / job_name(data, name, seed, epochs, train, train_eps, widths)

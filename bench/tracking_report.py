@@ -19,18 +19,26 @@ from fim_lightning.robustness import COLLAPSE_DROP, COLLAPSE_FLOOR, collapsed
 IN_RANGE = (0.05, 0.95)
 ESTIMATOR = "min(d_l, s_u)"  # the estimate the callback logs, which the sweep's rows record
 COLLAPSE = 0.5  # the collapse of an attack's curve: below half its best (a best of at least 5%)
-JOB = ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps", "recorded")
+JOB = ("data", "regime", "seed", "epochs", "train", "probes", "aa_probes", "train_eps", "recorded", "widths")
+
+
+def job_key(row: dict) -> tuple:
+    """The job a row, a per-probe record or a standard AutoAttack row belongs to: its `JOB` fields (lists, such as
+    `widths`, as tuples, so that the key hashes)."""
+    return tuple(tuple(value) if isinstance(value, list) else value for value in (row.get(k) for k in JOB))
 
 
 def _runs(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """Rows by (regime with its training radius, seed, epochs, train, probes, recorded), each run's epochs once
-    (the last row of a repeated epoch); a run recorded without the per-probe parts (the line search alone) is
-    marked [s_u]."""
+    """Rows by (regime with its training radius and widths, seed, epochs, train, probes, recorded), each run's
+    epochs once (the last row of a repeated epoch); a run recorded without the per-probe parts (the line search
+    alone) is marked [s_u]."""
     runs: dict[tuple, dict[int, dict]] = {}
     for row in rows:
         regime = row["regime"]
         if regime in ("pgd_at", "fgsm"):
             regime += f" {row['train_eps']:.4g}"
+        if row.get("widths"):
+            regime += f" w{'-'.join(map(str, row['widths']))}"
         if row["recorded"] != "parts":
             regime += " [s_u]"
         key = (regime, row["seed"], row["epochs"], row["train"], row["probes"], row["recorded"])
@@ -44,7 +52,7 @@ def rescored(rows: list[dict], probes: dict) -> list[dict]:
     the same estimate over a run whatever its rows were recorded with."""
     out = []
     for row in rows:
-        parts = probes.get(tuple(row.get(k) for k in JOB), {}).get(row["epoch"])
+        parts = probes.get(job_key(row), {}).get(row["epoch"])
         if parts is None:
             out.append(row)
             continue
@@ -62,10 +70,10 @@ def rescored(rows: list[dict], probes: dict) -> list[dict]:
 def _with_standard(rows: list[dict], standard: list[dict]) -> list[dict]:
     """Each row with `aa/{key}`: the strongest AutoAttack run at its epoch, the lower of APGD and the standard
     AutoAttack (`<data>_standard.jsonl`, at the epochs the signals selected) where that ran."""
-    runs = {(tuple(row.get(k) for k in JOB), row["epoch"]): row for row in standard}
+    runs = {(job_key(row), row["epoch"]): row for row in standard}
     out = []
     for row in rows:
-        full = runs.get((tuple(row.get(k) for k in JOB), row["epoch"]), {})
+        full = runs.get((job_key(row), row["epoch"]), {})
         out.append({**row, **{f"aa/{key}": min(row[f"apgd/{key}"], full.get(f"aa/{key}", np.inf))
                               for key in _aa_keys([row])},
                     "standard": {key: full[f"aa/{key}"] for key in _aa_keys([row]) if f"aa/{key}" in full}})
@@ -156,7 +164,7 @@ def candidates_section(runs: dict, keys: list[str], probes: dict) -> list[str]:
     scored = {name: {"errors": [], "rho": [], "gap": []} for name in CANDIDATES}
     counted = 0
     for epochs in runs.values():
-        kept = probes.get(tuple(epochs[0].get(k) for k in JOB), {})
+        kept = probes.get(job_key(epochs[0]), {})
         epochs = [row for row in epochs if row["epoch"] in kept]
         if not epochs:
             continue
