@@ -47,9 +47,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fim_lightning as fl  # noqa: E402
+from fim_lightning.figures import save  # noqa: E402
 from bench.common import autoattack_robust, machine, quiet_lightning  # noqa: E402
 from bench.regularization_frontier import OPTIMIZER, cosine, data_module  # noqa: E402
-from bench.tracking_report import ESTIMATOR, job_key, report, rescored  # noqa: E402
+from bench.tracking_report import ESTIMATOR, curves_figure, job_key, report, rescored  # noqa: E402
 from fim_lightning.module import FisherRegularizedClassifier  # noqa: E402
 from fim_lightning.functional import robust_distances  # noqa: E402
 from fim_lightning.robustness import margin_gradients as margin_gradients_of, minimal_perturbation  # noqa: E402
@@ -546,11 +547,13 @@ def main() -> None:
     quiet_lightning()
     if args.report:
         standard_rows = RESULTS / f"{args.data}_standard.jsonl"
-        text = report(args.data, load_rows(args.data), load_calibration(),
-                      [recorded(json.loads(line)) for line in standard_rows.read_text().splitlines()]
-                      if standard_rows.exists() else [],
-                      load_probes(sorted(RESUME.glob(f"{args.data}_*/probes.jsonl"))))
+        rows, probes = load_rows(args.data), load_probes(sorted(RESUME.glob(f"{args.data}_*/probes.jsonl")))
+        full = ([recorded(json.loads(line)) for line in standard_rows.read_text().splitlines()]
+                if standard_rows.exists() else [])
+        text = report(args.data, rows, load_calibration(), full, probes)
         (RESULTS / f"{args.data}.md").write_text(text)
+        if rows:
+            save(curves_figure(args.data, rows, full, probes), RESULTS / f"{args.data}.png")
         print(text)
         return
     if args.cost is not None:

@@ -12,8 +12,10 @@ norm should mean less robust: their negatives are ranked).
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.figure import Figure
 from scipy import stats
 
+from fim_lightning.figures import new_figure
 from fim_lightning.robustness import COLLAPSE_DROP, COLLAPSE_FLOOR, collapsed
 
 IN_RANGE = (0.05, 0.95)
@@ -226,6 +228,48 @@ def calibration_section(calibration: list[dict]) -> list[str]:
     return lines + [""]
 
 
+CURVES = {  # the figure's series per panel: key prefix, label, style
+    "aa": ("AutoAttack (strongest run)", {"color": "black", "linewidth": 2.0}),
+    "estimate_aa_probes": (f"estimate {ESTIMATOR}", {"color": "tab:blue", "linewidth": 2.0}),
+    "linear_aa_probes": ("linear step d_l", {"color": "tab:orange", "linestyle": "--"}),
+    "pgd20": ("PGD-20 (all probes)", {"color": "tab:green", "linestyle": ":"}),
+}
+
+
+def curves_figure(data: str, rows: list[dict], standard: list[dict] = (), probes: dict | None = None) -> Figure:
+    """Robust accuracy over the epochs of each run (a row of panels) at each AutoAttack radius (a column): the
+    strongest AutoAttack (the standard one marked with squares where it ran), the estimate and the linear step on
+    the AutoAttack probes, PGD-20 on every probe; the clean accuracy in grey and the epoch of the alarm as a red
+    line (`collapsed` on the estimate, as in the report's collapse table)."""
+    rows = _with_standard(rescored(rows, probes or {}), list(standard))
+    runs, keys = _runs(rows), _aa_keys(rows)
+    estimated = sorted({key.removeprefix("estimate/") for key in rows[0] if key.startswith("estimate/")})
+    figure = new_figure(3.2 * len(keys), 2.4 * len(runs) + 0.6)
+    axes = figure.subplots(len(runs), len(keys), squeeze=False, sharey=True)
+    for (regime, seed, *_), epochs, panels in zip(runs, runs.values(), axes):
+        x = [row["epoch"] for row in epochs]
+        alarm, _ = _first_alarm(epochs, estimated)
+        for key, ax in zip(keys, panels):
+            ax.plot(x, [row["clean"] for row in epochs], color="0.7", linewidth=1.0, label="clean accuracy")
+            for prefix, (label, style) in CURVES.items():
+                if f"{prefix}/{key}" in epochs[0]:
+                    ax.plot(x, [row[f"{prefix}/{key}"] for row in epochs], label=label, **style)
+            marked = [(row["epoch"], row["standard"][key]) for row in epochs if key in row["standard"]]
+            if marked:
+                ax.plot(*zip(*marked), "s", color="black", markersize=5, label="standard AutoAttack")
+            if alarm is not None:
+                ax.axvline(epochs[alarm]["epoch"], color="red", linewidth=1.5, label="alarm (collapsed)")
+            ax.set_title(f"{regime} seed {seed}: {key}", fontsize=9)
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+        panels[0].set_ylabel("robust accuracy")
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    figure.legend(handles.values(), handles.keys(), loc="outside upper center", ncol=len(handles), fontsize=8)
+    return figure
+
+
 def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: list[dict] = (),
            probes: dict | None = None) -> str:
     """The report's markdown; `probes`: job fields (`JOB`) -> epoch -> that epoch's per-probe values."""
@@ -256,6 +300,10 @@ def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: 
         clean = [row["clean"] for row in epochs]
         lines.append(f"| {regime} | {seed} | {len(epochs)} / {epochs[0]['epochs']} | "
                      f"{clean[0]:.3f} / {max(clean):.3f} / {clean[-1]:.3f} |")
+    lines += ["", f"![Robust accuracy over training]({data}.png)\n",
+              f"`{data}.png` (`curves_figure`): per run and AutoAttack radius, the strongest AutoAttack (black; the "
+              "standard AutoAttack as squares), the estimate (blue) and the linear step (orange) on the AutoAttack "
+              "probes, PGD-20 on all probes (green), clean accuracy (grey), the alarm's epoch (red).\n"]
     lines += standard_section(runs, keys)
     lines += ["", "## Error against AutoAttack (points), over every epoch and radius with AutoAttack accuracy in "
               "[5%, 95%]\n",

@@ -1,0 +1,119 @@
+"""The tracking benchmark's report and figure (`bench/tracking_report.py`) on rows whose figures are known: the
+error statistics against numpy on the same arrays, the strongest AutoAttack as the lower of APGD and the standard
+run, the alarm's epoch, and the figure's pixels where each curve must be drawn."""
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib import image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks are not installed
+from bench.tracking_report import curves_figure, job_key, report  # noqa: E402
+
+KEYS = ("l2/0.5", "linf/0.1")
+EPOCHS = 6
+CLEAN = 0.8
+
+
+def run_rows(regime: str, aa: list[float], estimate: list[float], **job) -> list[dict]:
+    """One run's rows: AutoAttack `aa` and the estimate `estimate` at every radius, the linear step 0.1 below
+    the estimate, PGD-20 0.1 above AutoAttack."""
+    rows = []
+    for epoch in range(EPOCHS):
+        row = {"data": "fashion_mnist", "regime": regime, "seed": 0, "epochs": EPOCHS, "train": 100,
+               "probes": 64, "aa_probes": 32, "train_eps": 0.1, "recorded": "parts", "estimator": "min(d_l, s_u)",
+               "search": "cut", "machine": "test", "epoch": epoch, "clean": CLEAN, "lambda_max_median": 1.0 + epoch,
+               "grad_norm_median": 1.0, "estimate_s": 1.0, "pgd20_s": 20.0, "apgd_s": 50.0, **job}
+        for key in KEYS:
+            row |= {f"apgd/{key}": aa[epoch], f"pgd20/{key}": aa[epoch] + 0.1,
+                    f"estimate/{key}": estimate[epoch], f"estimate_aa_probes/{key}": estimate[epoch],
+                    f"linear/{key}": estimate[epoch] - 0.1, f"linear_aa_probes/{key}": estimate[epoch] - 0.1}
+        rows.append(row)
+    return rows
+
+
+# FGSM-AT: robust share 0.75 of the correct probes, then 0.0625 at epoch 3 (the alarm there, and APGD's collapse)
+FGSM_AA = [0.5, 0.55, 0.6, 0.1, 0.06, 0.06]
+FGSM_ESTIMATE = [0.52, 0.56, 0.6, 0.05, 0.05, 0.05]
+PLAIN_AA = [0.2, 0.3, 0.4, 0.4, 0.45, 0.45]
+PLAIN_ESTIMATE = [0.25, 0.3, 0.35, 0.3, 0.3, 0.5]
+STANDARD_AT = 2  # the standard AutoAttack ran at plain epoch 2, 0.05 below APGD
+
+
+def rows_and_standard() -> tuple[list[dict], list[dict]]:
+    rows = run_rows("fgsm", FGSM_AA, FGSM_ESTIMATE) + run_rows("plain", PLAIN_AA, PLAIN_ESTIMATE)
+    plain = rows[EPOCHS + STANDARD_AT]
+    standard = [{**{k: plain[k] for k in plain if "/" not in k}, **{f"aa/{key}": PLAIN_AA[STANDARD_AT] - 0.05
+                                                                     for key in KEYS}}]
+    return rows, standard
+
+
+def table(text: str, header: str) -> list[list[str]]:
+    section = text.split(header)[1].split("\n## ")[0]
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| target") and not line.startswith("| regime")
+            and not line.startswith("| signal")]
+
+
+def test_report_figures_against_numpy():
+    rows, standard = rows_and_standard()
+    text = report("fashion_mnist", rows, standard=standard)
+    plain_aa = np.array(PLAIN_AA)
+    plain_aa[STANDARD_AT] -= 0.05  # the strongest AutoAttack: the standard run where it is lower
+    aa, estimate = np.concatenate([FGSM_AA, plain_aa]), np.concatenate([FGSM_ESTIMATE, PLAIN_ESTIMATE])
+    inside = (aa >= 0.05) & (aa <= 0.95)
+    errors = np.tile(100 * (estimate - aa)[inside], len(KEYS))
+    error = table(text, "## Error against AutoAttack")[0]
+    assert int(error[1]) == len(errors) == 24
+    assert float(error[2]) == round(float(np.median(np.abs(errors))), 2)
+    assert float(error[3]) == round(float(np.quantile(np.abs(errors), 0.9)), 2)
+    assert float(error[4]) == round(float(errors.mean()), 2)
+    # the plain run's pick: the estimate's most robust epoch 5 (AutoAttack 0.45), the best 0.45 at epoch 4
+    picks = [line for line in table(text, "## Per run and radius") if line[0] == "plain"]
+    assert [line[8] for line in picks] == ["epoch 5: 0.450 / 0.450"] * len(KEYS)
+    alarms = {line[0]: line[3] for line in table(text, "## Collapse")}
+    assert alarms == {"fgsm 0.1": "3 (l2/0.5)", "plain": "-"}
+
+
+def test_job_key_separates_widths():
+    wide = run_rows("plain", PLAIN_AA, PLAIN_ESTIMATE, widths=[64, 128, 256])
+    plain = run_rows("plain", PLAIN_AA, PLAIN_ESTIMATE)
+    assert job_key(wide[0]) != job_key(plain[0]) and hash(job_key(wide[0]))
+    runs = [line[0] for line in table(report("fashion_mnist", wide + plain), "## Runs")]
+    assert runs == ["plain w64-128-256", "plain"]
+
+
+def _pixel(figure, ax, x: float, y: float, pixels: np.ndarray, dpi: float) -> np.ndarray:
+    """The colours within 2 pixels of data point (x, y) of `ax` in the saved image (rows from the top)."""
+    px, py = ax.transData.transform((x, y)) * dpi / figure.dpi
+    row, column = int(round(pixels.shape[0] - py)), int(round(px))
+    return pixels[row - 2:row + 3, column - 2:column + 3].reshape(-1, 3)
+
+
+def _near(colours: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 40) -> bool:
+    return bool((np.abs(colours - np.array(rgb)).max(1) < tolerance).any())
+
+
+def test_curves_figure_pixels():
+    rows, standard = rows_and_standard()
+    figure = curves_figure("fashion_mnist", rows, standard)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    pixels = (image.imread(io.BytesIO(buffer.getvalue()))[..., :3] * 255).round().astype(int)
+    axes = np.array(figure.axes).reshape(2, len(KEYS))
+    blue, black, red, orange, white = (31, 119, 180), (0, 0, 0), (255, 0, 0), (255, 127, 14), (255, 255, 255)
+    fgsm, plain = axes
+    # each curve at its value in the plain run's panels
+    assert _near(_pixel(figure, plain[0], 1, 0.3, pixels, 80), blue)  # estimate = AutoAttack 0.3: drawn on top
+    assert _near(_pixel(figure, plain[0], 1, 0.2, pixels, 80), orange)  # the linear step, 0.1 below
+    assert _near(_pixel(figure, plain[1], 3.5, 0.425, pixels, 80), black)  # AutoAttack alone, between epochs
+    assert _near(_pixel(figure, plain[1], 3.5, 0.3, pixels, 80), blue)  # the estimate there
+    assert _near(_pixel(figure, plain[1], STANDARD_AT, PLAIN_AA[STANDARD_AT] - 0.05, pixels, 80), black)  # square
+    assert (_pixel(figure, plain[1], 3.5, 0.65, pixels, 80) == white).all()  # nothing drawn there
+    # the alarm: a red line at FGSM epoch 3 above the curves, none in the plain run's panels
+    assert all(_near(_pixel(figure, ax, 3, 0.95, pixels, 80), red) for ax in fgsm)
+    for ax in plain:
+        (x0, y0), (x1, y1) = ax.get_window_extent().get_points() * 80 / figure.dpi
+        box = pixels[int(pixels.shape[0] - y1):int(pixels.shape[0] - y0), int(x0):int(x1)].reshape(-1, 3)
+        assert not _near(box, red, tolerance=30)
