@@ -78,7 +78,8 @@ def _with_standard(rows: list[dict], standard: list[dict]) -> list[dict]:
         full = runs.get((job_key(row), row["epoch"]), {})
         out.append({**row, **{f"aa/{key}": min(row[f"apgd/{key}"], full.get(f"aa/{key}", np.inf))
                               for key in _aa_keys([row])},
-                    "standard": {key: full[f"aa/{key}"] for key in _aa_keys([row]) if f"aa/{key}" in full}})
+                    "standard": {key: full[f"aa/{key}"] for key in _aa_keys([row]) if f"aa/{key}" in full},
+                    "standard_row": full})
     return out
 
 
@@ -405,6 +406,14 @@ def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: 
                      f"{apgd:.4f} ({'met' if apgd <= 0.01 else 'missed'}: <= 0.01) |")
         if group:
             targets["cost"] = [pgd, apgd, len(timed)]
+    full = [row for epochs in runs.values() for row in epochs if "aa_s" in row["standard_row"] and _cut(row)]
+    if full:
+        ratio = np.median([row["estimate_s"] / (scale * row["standard_row"]["aa_s"]) for row in full])
+        lines += ["", f"The standard AutoAttack, at the {len(full)} selected epochs where it ran (in the job's process "
+                  f"after its training, so under another load than the epoch's estimate): "
+                  f"{scale * np.median([row['standard_row']['aa_s'] for row in full]):.1f} s on the same curve, the "
+                  f"estimate {ratio:.4f} of it (median of the ratios). The target above is read on APGD, measured "
+                  "in the epoch's own evaluation."]
     lines.append("")
     at = lines.index("## Error against AutoAttack (points), over every epoch and radius with AutoAttack accuracy in "
                      "[5%, 95%]\n") - 1
