@@ -50,6 +50,7 @@ import fim_lightning as fl
 from fim_lightning import figures
 from fim_lightning.callback import _SCORES, DEFAULT_EPS, eps_key
 from fim_lightning.reductions import summarize
+from fim_lightning.robustness import collapsed
 from tests.matrix_cell import PENALTIES, build_net, images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +181,15 @@ def test_cell_logs_the_reference_numbers_and_shows_the_directions(name, referenc
         for key, value in expected.items():
             assert record[key] == pytest.approx(value, rel=1e-5), key
             assert record[key] == pytest.approx(first[key], rel=1e-5), key
+    for end, record in enumerate(result["history"], 1):  # the alarm keys from the logged curve so far
+        curve = result["history"][:end]
+        fired = any(collapsed([r[key] for r in curve], [r["fim/accuracy"] for r in curve])
+                    for key in record if key.startswith("fim/robust_accuracy/"))
+        assert record["fim/alarm/robust_collapse"] == float(fired)
+        for norm, radii in DEFAULT_EPS.items():
+            key = eps_key("fim", norm, radii[-1])
+            drop = max(r[key] for r in curve) - record[key]
+            assert record[key.replace("/robust_accuracy/", "/robust_drop/")] == pytest.approx(drop, abs=1e-12)
 
     validation = torch.cat([x for x, _ in torch.utils.data.DataLoader(images(48, 1), batch_size=48)])
     metric = fl.fisher_spectral_norm(build_net().eval(), validation).mean().item()
