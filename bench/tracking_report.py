@@ -241,7 +241,8 @@ def curves_figure(data: str, rows: list[dict], standard: list[dict] = (), probes
     """Robust accuracy over the epochs of each run (a row of panels) at each AutoAttack radius (a column): the
     strongest AutoAttack (the standard one marked with squares where it ran), the estimate and the linear step on
     the AutoAttack probes, PGD-20 on every probe; the clean accuracy in grey and the epoch of the alarm as a red
-    line (`collapsed` on the estimate, as in the report's collapse table)."""
+    line (`collapsed` on the estimate, as in the report's collapse table); the x axis spans the job's planned
+    epochs, so a run under way shows how far it has come."""
     rows = _with_standard(rescored(rows, probes or {}), list(standard))
     runs, keys = _runs(rows), _aa_keys(rows)
     estimated = sorted({key.removeprefix("estimate/") for key in rows[0] if key.startswith("estimate/")})
@@ -250,23 +251,28 @@ def curves_figure(data: str, rows: list[dict], standard: list[dict] = (), probes
     for (regime, seed, *_), epochs, panels in zip(runs, runs.values(), axes):
         x = [row["epoch"] for row in epochs]
         alarm, _ = _first_alarm(epochs, estimated)
+        dots = {"marker": "o", "markersize": 4} if len(x) == 1 else {}  # a line of one point draws nothing
         for key, ax in zip(keys, panels):
-            ax.plot(x, [row["clean"] for row in epochs], color="0.7", linewidth=1.0, label="clean accuracy")
+            ax.plot(x, [row["clean"] for row in epochs], color="0.7", linewidth=1.0, label="clean accuracy", **dots)
             for prefix, (label, style) in CURVES.items():
                 if f"{prefix}/{key}" in epochs[0]:
-                    ax.plot(x, [row[f"{prefix}/{key}"] for row in epochs], label=label, **style)
+                    ax.plot(x, [row[f"{prefix}/{key}"] for row in epochs], label=label, **style, **dots)
             marked = [(row["epoch"], row["standard"][key]) for row in epochs if key in row["standard"]]
             if marked:
                 ax.plot(*zip(*marked), "s", color="black", markersize=5, label="standard AutoAttack")
             if alarm is not None:
                 ax.axvline(epochs[alarm]["epoch"], color="red", linewidth=1.5, label="alarm (collapsed)")
             ax.set_title(f"{regime} seed {seed}: {key}", fontsize=9)
+            ax.set_xlim(-0.5, epochs[0]["epochs"] - 0.5)  # the job's planned epochs: how far it has run
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
         panels[0].set_ylabel("robust accuracy")
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
-    handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    handles: dict = {}
+    for ax in axes.flat:  # the first panel's handle per label: a run of one epoch draws dots
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
     figure.legend(handles.values(), handles.keys(), loc="outside upper center", ncol=len(handles), fontsize=8)
     return figure
 

@@ -117,3 +117,19 @@ def test_curves_figure_pixels():
         (x0, y0), (x1, y1) = ax.get_window_extent().get_points() * 80 / figure.dpi
         box = pixels[int(pixels.shape[0] - y1):int(pixels.shape[0] - y0), int(x0):int(x1)].reshape(-1, 3)
         assert not _near(box, red, tolerance=30)
+
+
+def test_curves_figure_run_under_way():
+    """A run of one epoch so far is drawn (a line of one point draws nothing) on the job's planned epoch axis."""
+    rows, standard = rows_and_standard()
+    rows += run_rows("trades", PLAIN_AA, PLAIN_ESTIMATE)[:1]
+    figure = curves_figure("fashion_mnist", rows, standard)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    pixels = (image.imread(io.BytesIO(buffer.getvalue()))[..., :3] * 255).round().astype(int)
+    trades = np.array(figure.axes).reshape(3, len(KEYS))[2]
+    for ax in trades:
+        assert ax.get_xlim() == (-0.5, EPOCHS - 0.5)
+        assert _near(_pixel(figure, ax, 0, PLAIN_ESTIMATE[0], pixels, 80), (31, 119, 180))  # the estimate's dot
+        assert _near(_pixel(figure, ax, 0, CLEAN, pixels, 80), (178, 178, 178), tolerance=10)  # clean, grey 0.7
+        assert (_pixel(figure, ax, 2.5, 0.35, pixels, 80) == 255).all()  # no data after epoch 0 (off the grid)
