@@ -84,6 +84,7 @@ def run_processes(samples: int, devices: int, out: Path) -> dict:
     import pytorch_lightning as pl
     import torch
 
+    from recipes.common import end_process_group
     from recipes.models import SmallCNN
     from recipes.scoring import score_split
 
@@ -93,7 +94,9 @@ def run_processes(samples: int, devices: int, out: Path) -> dict:
     start = time.perf_counter()
     score_split(trainer, SmallCNN(3, 10).eval(), fisher_only(), cifar_module(), "test", samples, {"seed": 0}, out,
                 "trained")
-    return {"seconds": time.perf_counter() - start, "rank": trainer.global_rank}
+    seconds = time.perf_counter() - start
+    end_process_group()
+    return {"seconds": seconds, "rank": trainer.global_rank}
 
 
 def run_scaling(model: str, size: int, top_k: int, samples: int) -> dict:

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipes.statistics import markdown, model_summaries, read_table
-from recipes.common import CONFIG_DIR, exit_on_sigterm, quote_path_overrides
+from recipes.common import CONFIG_DIR, end_process_group, exit_on_sigterm, quote_path_overrides
 from recipes.scoring import score_split
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     quote_path_overrides(("run_dir", "ckpt_path"))
     _main()
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from fim_lightning import FisherRobustnessCallback
 from fim_lightning.figures import curves_figure, save
 from fim_lightning.validation import check_int
-from recipes.common import CONFIG_DIR, exit_on_sigterm, quote_path_overrides
+from recipes.common import CONFIG_DIR, end_process_group, exit_on_sigterm, quote_path_overrides
 from recipes.scoring import score_split
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     quote_path_overrides(("ckpt_path",))
     _main()
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import fim_lightning as fl
 from fim_lightning.module import FisherRegularizedClassifier
+from recipes.common import end_process_group
 from tests.lightning_helpers import blobs
 
 
@@ -41,6 +42,7 @@ def main() -> None:
     trainer.fit(module)
     if trainer.global_rank == 0:
         torch.save(torch.cat([p.detach().flatten() for p in module.parameters()]), out)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import fim_lightning as fl
 from fim_lightning import writers
 from fim_lightning import module
 from fim_lightning.flavours import PACKAGES
+from recipes.common import end_process_group
 from tests.lightning_helpers import blobs
 
 PENALTIES = {"kl": lambda: fl.FisherKLPenalty(), "spectral": lambda: fl.FisherSpectralPenalty(eigenvector="exact")}
@@ -191,6 +192,7 @@ def main() -> None:
     )
     classifier = FLAVOURS[args.package][0](args.penalty, shard=args.strategy == "fsdp2" and args.devices > 1)
     trainer.fit(classifier, DataLoader(images(64, 0), batch_size=16), DataLoader(images(48, 1), batch_size=16))
+    end_process_group()
 
 
 if __name__ == "__main__":
