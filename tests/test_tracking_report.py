@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib import image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks are not installed
-from bench.tracking_report import curves_figure, job_key, report  # noqa: E402
+from bench.tracking_report import _gap_interval, curves_figure, job_key, report  # noqa: E402
 
 KEYS = ("l2/0.5", "linf/0.1")
 EPOCHS = 6
@@ -74,6 +74,22 @@ def test_report_figures_against_numpy():
     assert [line[8] for line in picks] == ["epoch 5: 0.450 / 0.450"] * len(KEYS)
     alarms = {line[0]: line[3] for line in table(text, "## Collapse")}
     assert alarms == {"fgsm 0.1": "3 (l2/0.5)", "plain": "-"}
+
+
+def test_gap_interval_against_the_normal_approximation():
+    """The pick's paired interval: 20 probes robust only at the best epoch, 4 only at the pick, 232 alike, so the
+    gap is 6.25 points with standard error sd / sqrt(256); the bootstrap's 95% interval is the normal one to
+    within its resampling noise, and no interval where the flags are equal or were not kept."""
+    best = np.zeros(256, dtype=int)
+    picked = np.zeros(256, dtype=int)
+    best[:20], picked[20:24], best[100:200], picked[100:200] = 1, 1, 1, 1
+    difference = best - picked
+    half = 1.96 * difference.std() / np.sqrt(len(difference))
+    probes = {3: {"apgd/l2/0.5": best.tolist()}, 7: {"apgd/l2/0.5": picked.tolist()}}
+    low, high = _gap_interval(probes, 3, 7, "l2/0.5")
+    assert abs(low - 100 * (difference.mean() - half)) < 0.4 and abs(high - 100 * (difference.mean() + half)) < 0.4
+    assert _gap_interval(probes, 3, 3, "l2/0.5") == (0.0, 0.0)
+    assert np.isnan(_gap_interval(probes, 3, 5, "l2/0.5")).all()
 
 
 def test_job_key_separates_widths():
