@@ -426,21 +426,30 @@ def report(data: str, rows: list[dict], calibration: list[dict] = (), standard: 
               "seed 0 from epoch 3, recorded before the mark); the rows before it searched to the class change. "
               f"Left out: {', '.join(f'{d} {r} seed {s} epoch {e}' for d, r, s, e in sorted(PAUSED))}, whose "
               "process was stopped while it was timed.\n",
-              "| line search | epochs | estimate s | PGD-20 s | APGD s, same curve | estimate / PGD-20 | "
-              "estimate / APGD |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "The target holds per run (measured in one run): its verdict is read on the run with the largest "
+              "ratio.\n",
+              "| run | line search | epochs | estimate s | PGD-20 s | APGD s, same curve | estimate / PGD-20 | "
+              "estimate / APGD |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    per_run: dict[str, tuple[float, float]] = {}  # the cut search's median ratios per run
     for name, group in (("cut", True), ("to the class change", False)):
-        timed = [row for epochs in runs.values() for row in epochs if _cut(row) == group and _timed(row)]
-        if not timed:
-            continue
-        pgd = np.median([row["estimate_s"] / row["pgd20_s"] for row in timed])
-        apgd = np.median([row["estimate_s"] / (scale * row["apgd_s"]) for row in timed])
-        lines.append(f"| {name} | {len(timed)} | {np.median([row['estimate_s'] for row in timed]):.1f} | "
-                     f"{np.median([row['pgd20_s'] for row in timed]):.1f} | "
-                     f"{scale * np.median([row['apgd_s'] for row in timed]):.1f} | "
-                     f"{pgd:.3f} ({'met' if pgd <= 0.1 else 'missed'}: <= 0.1) | "
-                     f"{apgd:.4f} ({'met' if apgd <= 0.01 else 'missed'}: <= 0.01) |")
-        if group:
-            targets["cost"] = [pgd, apgd, len(timed)]
+        groups = [(f"{regime} seed {seed}", [row for row in epochs if _cut(row) == group and _timed(row)])
+                  for (regime, seed, *_), epochs in runs.items()]
+        groups = [(run, timed) for run, timed in groups if timed]
+        if len(groups) > 1:
+            groups.append(("all", [row for _, timed in groups for row in timed]))
+        for run, timed in groups:
+            pgd = float(np.median([row["estimate_s"] / row["pgd20_s"] for row in timed]))
+            apgd = float(np.median([row["estimate_s"] / (scale * row["apgd_s"]) for row in timed]))
+            lines.append(f"| {run} | {name} | {len(timed)} | {np.median([row['estimate_s'] for row in timed]):.1f} | "
+                         f"{np.median([row['pgd20_s'] for row in timed]):.1f} | "
+                         f"{scale * np.median([row['apgd_s'] for row in timed]):.1f} | "
+                         f"{pgd:.3f} ({'met' if pgd <= 0.1 else 'missed'}: <= 0.1) | "
+                         f"{apgd:.4f} ({'met' if apgd <= 0.01 else 'missed'}: <= 0.01) |")
+            if group and run != "all":
+                per_run[run] = (pgd, apgd)
+    if per_run:
+        slowest = max(per_run, key=lambda run: per_run[run][1])
+        targets["cost"] = [max(pgd for pgd, _ in per_run.values()), per_run[slowest][1], slowest, len(per_run)]
     full = [row for epochs in runs.values() for row in epochs
             if "aa_s" in row["standard_row"] and _cut(row) and _timed(row)]
     if full:
@@ -481,7 +490,7 @@ def targets_section(targets: dict[str, list]) -> list[str]:
         lines.append(f"| alarm at the collapse, never elsewhere | {sum(targets['alarm'])} of "
                      f"{len(targets['alarm'])} runs | {verdict(all(targets['alarm']))} |")
     if targets["cost"]:
-        pgd, apgd, count = targets["cost"]
-        lines.append(f"| cost <= 1/10 PGD-20, <= 1/100 AutoAttack | {pgd:.3f} / {apgd:.4f} over {count} epochs | "
-                     f"{verdict(pgd <= 0.1 and apgd <= 0.01)} |")
+        pgd, apgd, run, count = targets["cost"]
+        lines.append(f"| cost <= 1/10 PGD-20, <= 1/100 AutoAttack, per run | the largest of {count} runs' medians: "
+                     f"{pgd:.3f} / {apgd:.4f} ({run} for APGD) | {verdict(pgd <= 0.1 and apgd <= 0.01)} |")
     return lines + [""] if len(lines) > 3 else []

@@ -92,6 +92,20 @@ def test_gap_interval_against_the_normal_approximation():
     assert np.isnan(_gap_interval(probes, 3, 5, "l2/0.5")).all()
 
 
+def test_cost_target_is_read_per_run():
+    """APGD on the curve costs (64 / 32 probes) x (2 / 2 radii) = 2 x its time: the FGSM run's estimate is 1 / 100
+    of it, the plain run's (APGD twice as fast) 1 / 50, and the target is read on the plain run."""
+    rows, standard = rows_and_standard()
+    for row in rows[EPOCHS:]:
+        row["apgd_s"] = 25.0
+    text = report("fashion_mnist", rows, standard=standard)
+    costs = {line[0]: line[6:] for line in table(text, "## Cost per evaluation")}
+    assert costs["fgsm 0.1 seed 0"] == ["0.050 (met: <= 0.1)", "0.0100 (met: <= 0.01)"]
+    assert costs["plain seed 0"] == ["0.050 (met: <= 0.1)", "0.0200 (missed: <= 0.01)"]
+    target = next(line for line in table(text, "## Targets so far") if line[0].startswith("cost"))
+    assert target[1:] == ["the largest of 2 runs' medians: 0.050 / 0.0200 (plain seed 0 for APGD)", "missed"]
+
+
 def test_job_key_separates_widths():
     wide = run_rows("plain", PLAIN_AA, PLAIN_ESTIMATE, widths=[64, 128, 256])
     plain = run_rows("plain", PLAIN_AA, PLAIN_ESTIMATE)
