@@ -188,12 +188,25 @@ def candidates_section(runs: dict, keys: list[str], probes: dict) -> list[str]:
     (run, radius) and the largest gap of its pick to the best."""
     scored = {name: {"errors": [], "rho": [], "gap": []} for name in CANDIDATES}
     counted = 0
-    for epochs in runs.values():
+    shortened = []  # per run: where the line search shortens the linear step, over the correct probes
+    for (regime, seed, *_), epochs in runs.items():
         kept = probes.get(job_key(epochs[0]), {})
         epochs = [row for row in epochs if row["epoch"] in kept]
         if not epochs:
             continue
         counted += 1
+        cells = []
+        for norm in ("l2", "linf"):
+            ratios, correct_count = [], 0
+            for row in epochs:
+                parts = kept[row["epoch"]]
+                linear, search = _part(parts, "linear", norm), _part(parts, "line_search", norm)
+                correct = np.asarray(parts["correct"], dtype=bool)
+                correct_count += int(correct.sum())
+                ratios += list(search[correct & (search < linear)] / linear[correct & (search < linear)])
+            cells.append(f"{100 * len(ratios) / max(correct_count, 1):.1f}% / "
+                         f"{np.median(ratios) if ratios else float('nan'):.2f}")
+        shortened.append(f"| {regime} | {seed} | {len(epochs)} | {' | '.join(cells)} |")
         for name, candidate in CANDIDATES.items():
             for radius in keys:
                 norm, eps = radius.split("/")
@@ -224,6 +237,10 @@ def candidates_section(runs: dict, keys: list[str], probes: dict) -> list[str]:
         lines.append(f"| {name} | {len(errors)} | {np.median(errors):.2f} | {np.quantile(errors, 0.9):.2f} | "
                      f"{np.mean(values['errors']):+.2f} | {np.nanmedian(values['rho']):.2f} | "
                      f"{max(values['gap']):.1f} |")
+    lines += ["", "Where the line search shortens the linear step (s_u < d_l): the share of the correctly classified "
+              "probes over the run's epochs, and the median s_u / d_l there.\n",
+              "| regime | seed | epochs | L2: share / median s_u / d_l | L-inf: share / median s_u / d_l |",
+              "|---|---:|---:|---|---|", *shortened]
     return lines + [""]
 
 

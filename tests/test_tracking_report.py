@@ -106,6 +106,22 @@ def test_cost_target_is_read_per_run():
     assert target[1:] == ["the largest of 2 runs' medians: 0.050 / 0.0200 (plain seed 0 for APGD)", "missed"]
 
 
+def test_line_search_shortening_table():
+    """Per run and norm: the share of correct probes whose line search lands nearer than the linear step, and the
+    median ratio there (L2: 16 of 64 probes at half d_l; L-inf: 8 at a quarter, one more beyond d_l)."""
+    rows = run_rows("plain", PLAIN_AA, PLAIN_ESTIMATE)
+    linear = np.ones(64)
+    l2, linf = np.full(64, np.inf), np.full(64, np.inf)
+    l2[:16], linf[:8], linf[8] = 0.5, 0.25, 2.0
+    parts = {"correct": [1] * 64, **{f"{name}/{norm}": linear.tolist() for name in ("linear", "first_order")
+                                     for norm in ("l2", "linf")},
+             "line_search/l2": l2.tolist(), "line_search/linf": linf.tolist(),
+             **{f"apgd/{key}": [1] * 32 for key in KEYS}}
+    text = report("fashion_mnist", rows, probes={job_key(rows[0]): {row["epoch"]: parts for row in rows}})
+    assert table(text, "Where the line search shortens")[0] == ["plain", "0", str(EPOCHS), "25.0% / 0.50",
+                                                                "12.5% / 0.25"]
+
+
 def test_job_key_separates_widths():
     wide = run_rows("plain", PLAIN_AA, PLAIN_ESTIMATE, widths=[64, 128, 256])
     plain = run_rows("plain", PLAIN_AA, PLAIN_ESTIMATE)
