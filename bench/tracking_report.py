@@ -203,7 +203,8 @@ def candidates_section(runs: dict, keys: list[str], probes: dict) -> list[str]:
                 linear, search = _part(parts, "linear", norm), _part(parts, "line_search", norm)
                 correct = np.asarray(parts["correct"], dtype=bool)
                 correct_count += int(correct.sum())
-                ratios += list(search[correct & (search < linear)] / linear[correct & (search < linear)])
+                nearer = correct & (search < linear)
+                ratios += list(search[nearer] / linear[nearer])
             cells.append(f"{100 * len(ratios) / max(correct_count, 1):.1f}% / "
                          f"{np.median(ratios) if ratios else float('nan'):.2f}")
         shortened.append(f"| {regime} | {seed} | {len(epochs)} | {' | '.join(cells)} |")
