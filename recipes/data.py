@@ -214,11 +214,13 @@ class TorchvisionDataModule(ArrayDataModule):
         if not sources:
             raise FileNotFoundError(f"no IDX *-ubyte.gz files in {_resolve(self.idx_dir)}; Fashion-MNIST installs "
                                     "offline from Debian: apt-get install dataset-fashion-mnist")
-        for source in sources:
+        for source in sources:  # unpacked whole, then renamed: two processes that prepare at once both read whole files
             target = raw / source.name.removesuffix(".gz")
             if not target.exists():
-                with gzip.open(source, "rb") as packed, open(target, "wb") as unpacked:
+                partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+                with gzip.open(source, "rb") as packed, open(partial, "wb") as unpacked:
                     shutil.copyfileobj(packed, unpacked)
+                partial.replace(target)
 
     def prepare_data(self) -> None:
         if self.idx_dir is not None:

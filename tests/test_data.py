@@ -47,6 +47,32 @@ def test_fashion_mnist_from_debian_idx_files_through_torchvision(tmp_path):
     assert batch_x.shape == (64, 1, 28, 28) and batch_x.dtype == torch.float32 and batch_y.dtype == torch.long
 
 
+def test_idx_files_are_unpacked_whole_before_they_appear(tmp_path, monkeypatch):
+    """Two processes that prepare at once (two benchmark jobs) must never read a half-written file: while a file is
+    being unpacked its final name does not exist, and no partial file is left behind."""
+    import recipes.data
+
+    packed = tmp_path / "idx"
+    packed.mkdir()
+    labels = np.arange(10, dtype=np.uint8)
+    with gzip.open(packed / "t10k-labels-idx1-ubyte.gz", "wb") as handle:
+        handle.write(bytes([0, 0, 8, 1]) + np.array([10], dtype=">u4").tobytes() + labels.tobytes())
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"
+    seen = []
+
+    def copy(source, target, *args):
+        seen.append(sorted(path.name for path in raw.iterdir()))
+        return shutil_copyfileobj(source, target, *args)
+
+    shutil_copyfileobj = recipes.data.shutil.copyfileobj
+    monkeypatch.setattr(recipes.data.shutil, "copyfileobj", copy)
+    TorchvisionDataModule("FashionMNIST", 10, 1, root=str(tmp_path / "root"), idx_dir=str(packed)).prepare_data()
+    assert len(seen) == 1 and "t10k-labels-idx1-ubyte" not in seen[0]
+    assert [path.name for path in raw.iterdir()] == ["t10k-labels-idx1-ubyte"]
+    data = (raw / "t10k-labels-idx1-ubyte").read_bytes()
+    np.testing.assert_array_equal(np.frombuffer(data[8:], dtype=np.uint8), labels)
+
+
 def test_imagenet_sample_keeps_the_imagenet_class_indices():
     data = ImageFolderDataModule(str(SHARED / "imagenet_sample"), num_classes=1000, image_size=64, class_stride=16)
     data.setup()
