@@ -53,7 +53,11 @@ from bench.regularization_frontier import OPTIMIZER, cosine, data_module  # noqa
 from bench.tracking_report import ESTIMATOR, curves_figure, job_key, report, rescored  # noqa: E402
 from fim_lightning.module import FisherRegularizedClassifier  # noqa: E402
 from fim_lightning.functional import robust_distances  # noqa: E402
-from fim_lightning.robustness import margin_gradients as margin_gradients_of, minimal_perturbation  # noqa: E402
+from fim_lightning.robustness import (  # noqa: E402
+    first_order_steps,
+    margin_gradients as margin_gradients_of,
+    minimal_perturbation,
+)
 from recipes import attacks  # noqa: E402
 from recipes.models import SmallCNN  # noqa: E402
 
@@ -131,8 +135,7 @@ def components(net: torch.nn.Module, x: torch.Tensor) -> dict[str, dict[str, tor
         found = margin_gradients_of(op)
         parts: dict[str, dict[str, torch.Tensor]] = {"linear_step": {}, "first_order": {}, "line_search": {}}
         for norm in ("l2", "linf"):
-            dual = found.gradients.flatten(2).to(torch.float64).norm(p=2 if norm == "l2" else 1, dim=2)
-            steps = found.margins / dual
+            steps = first_order_steps(found, norm)
             parts["linear_step"][norm], parts["first_order"][norm] = steps[:, 0], steps.min(dim=1).values
             searched = minimal_perturbation(op, norm, bounds=(0.0, 1.0), margins=found, cutoff=math.inf)
             shift = (searched.point - x).flatten(1).to(torch.float64).norm(p=2 if norm == "l2" else math.inf, dim=1)

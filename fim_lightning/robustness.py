@@ -120,6 +120,13 @@ def margin_gradients(op: FisherOperator, chunk_size: Optional[int] = None,
     return MarginGradients(top, others, margins, gradients)
 
 
+def first_order_steps(margins: MarginGradients, norm: Norm) -> Tensor:
+    """(B, K) float64 first-order distances m_k / |g_k|_q to each considered class's boundary: column 0 is the
+    linear step d_l (the runner-up), the row minimum d_1."""
+    dual = margins.gradients.flatten(2).to(torch.float64).norm(p=_DUAL[norm], dim=2)
+    return margins.margins / dual.clamp_min(torch.finfo(torch.float64).tiny)
+
+
 def minimal_perturbation(op: FisherOperator, norm: Norm, line_steps: int = 8, chunk_size: Optional[int] = None,
                          bounds: Optional[tuple[float, float]] = None,
                          margins: Optional[MarginGradients] = None, candidates: Optional[int] = None,
@@ -131,8 +138,7 @@ def minimal_perturbation(op: FisherOperator, norm: Norm, line_steps: int = 8, ch
     change (s_u alone)."""
     found = margins if margins is not None else margin_gradients(op, chunk_size, candidates)
     top, gradients = found.top[:, None], found.gradients
-    dual = gradients.flatten(2).to(torch.float64).norm(p=_DUAL[norm], dim=2)
-    steps = found.margins / dual.clamp_min(torch.finfo(torch.float64).tiny)  # first-order, to each class
+    steps = first_order_steps(found, norm)
     first, nearest = steps.min(dim=1)  # d_1, and the class u heads for
     linear = steps[:, 0]  # d_l: to the runner-up, the most probable other class
     rows = torch.arange(op.batch_size, device=first.device)
