@@ -22,6 +22,7 @@ weights of every epoch (`--cost`) go to `bench/results/tracking/weights/`, not c
     python bench/tracking.py --sweep --shard 1/2                         # every other job, beside --shard 0/2
     python bench/tracking.py --data cifar10 --regime fgsm --seed 0       # one job (resumes)
     python bench/tracking.py --data cifar10 --report                     # the report from the rows so far
+    python bench/tracking.py --plan                                      # what the sweep has left, core-hours
     python bench/tracking.py --data cifar10 --regime fgsm --standard     # standard AutoAttack, selected epochs
     python bench/tracking.py --data cifar10 --regime fgsm --cost 8       # the estimate's cost against PGD-20
                                                                          # (on that job's weights of epoch 8)
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -227,6 +229,7 @@ class Resumable(pl.Callback):
         for module in pl_module.modules():
             if isinstance(module, attacks.PGD):
                 module.reseed(seed)
+        self.started = time.perf_counter()  # the epoch's training time, `train_s` in its row
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -234,7 +237,8 @@ class Resumable(pl.Callback):
             net = pl_module.net
             training = net.training
             loss = float(trainer.callback_metrics.get("train/ce", torch.tensor(float("nan"))))
-            row = {**self.job, "epoch": epoch, "train_loss": loss, **self.measured(net)}
+            trained = time.perf_counter() - self.started
+            row = {**self.job, "epoch": epoch, "train_loss": loss, "train_s": trained, **self.measured(net)}
             net.train(training)
             with open(self.rows, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -520,6 +524,74 @@ def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, 
             f"(uncut {uncut / pgd:.3f})")
 
 
+def sweep_jobs(settings: dict) -> list[dict]:
+    """Every job of `SWEEP` with the command line's `settings` (epochs, train, probes, aa_probes) and its
+    `SWEEP_SETTINGS`, as the keys its rows carry."""
+    jobs = []
+    for data, name, seed in SWEEP:
+        job = {"data": data, "regime": name, "seed": seed, **settings, **SWEEP_SETTINGS.get((data, name), {}),
+               "train_eps": default_train_eps(data, name), "recorded": "parts"}
+        if "widths" in job:
+            job["widths"] = list(job["widths"])
+        jobs.append(job)
+    return jobs
+
+
+def evaluation_seconds(row: dict) -> float:
+    """One epoch's evaluation in a row: the estimate, the Fisher scores, PGD-20 and APGD."""
+    return row["estimate_s"] + row.get("fisher_s", 0.0) + row["pgd20_s"] + row["apgd_s"]
+
+
+def plan(jobs: list[dict], rows: list[dict], standard: list[dict]) -> str:
+    """What the sweep has left, in core-hours at the rates measured in its rows (one process, one thread): per
+    job its epochs on record, the median evaluation and training seconds of an epoch of the same data set, regime
+    and widths (of the data set's other regimes where this one has none, marked; training where rows recorded
+    it), and the standard AutoAttack at the epochs that an ended job's signals select and it has not run yet, or,
+    for a job not ended, at the median count it ran at per ended job. A lower bound where training was not
+    recorded."""
+    def median(values: list[float]) -> float:
+        return float(statistics.median(values)) if values else math.nan
+
+    def alike(row: dict, job: dict, same_regime: bool) -> bool:
+        return (row["data"] == job["data"] and row.get("widths") == job.get("widths")
+                and (row["regime"] == job["regime"] or not same_regime) and "apgd_s" in row)
+
+    ended = [job for job in jobs if len(on_record(rows, job)) >= job["epochs"]]
+    standard_per_epoch = median([row["aa_s"] for row in standard if "aa_s" in row])
+    selected = median([len(on_record(standard, job)) for job in ended])
+    lines = ["| job | epochs on record | evaluation s / epoch | training s / epoch | standard AutoAttack epochs "
+             "left | core-hours left |", "|---|---:|---:|---:|---:|---:|"]
+    total, unmeasured = 0.0, 0
+    for job in jobs:
+        done = on_record(rows, job)
+        measured = [row for row in rows if alike(row, job, True)]
+        marked = "" if measured else " (other regimes)"
+        measured = measured or [row for row in rows if alike(row, job, False)]
+        evaluation = median([evaluation_seconds(row) for row in measured])
+        training = median([row["train_s"] for row in measured if "train_s" in row])
+        if len(done) >= job["epochs"]:  # the epochs `standard` runs: selected on the rescored rows
+            folder = RESUME / job_name(job["data"], job["regime"], job["seed"], job["epochs"], job["train"],
+                                       job["train_eps"], job.get("widths"))
+            chosen = selected_epochs(rescored_job(done, folder), job["data"])
+            standard_left = len(chosen - set(on_record(standard, job)))
+        else:
+            standard_left = selected
+        left = (job["epochs"] - len(done)) * (evaluation + (0.0 if math.isnan(training) else training))
+        hours = (left + standard_left * standard_per_epoch) / 3600
+        if math.isnan(hours):
+            unmeasured += 1
+        else:
+            total += hours
+        name = f"{job['data']} {job['regime']} seed {job['seed']}" + (
+            f" w{'-'.join(map(str, job['widths']))}" if job.get("widths") else "")
+        lines.append(f"| {name} | {len(done)} / {job['epochs']} | {evaluation:.0f}{marked} | "
+                     f"{'-' if math.isnan(training) else f'{training:.0f}'} | {standard_left:g} | {hours:.1f} |")
+    lines += ["", f"Left: {total:.0f} core-hours at the measured rates (the standard AutoAttack at "
+              f"{standard_per_epoch:.0f} s an epoch, {selected:g} selected epochs per job); training counted only "
+              f"where rows recorded it, so a lower bound; {unmeasured} jobs without any measured rate."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=tuple(RADII), default="cifar10")
@@ -545,6 +617,8 @@ def main() -> None:
                         metavar="I/N", help="with --sweep, the jobs I, I + N, ... of `SWEEP` (N processes side by "
                                             "side, each with OMP_NUM_THREADS=1; default 0/1, every job)")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--plan", action="store_true", help="what the sweep has left, in core-hours at the rates "
+                                                            "its rows measured")
     parser.add_argument("--standard", action="store_true", help="the standard AutoAttack at the epochs the signals "
                                                                 "select, for an ended job (the sweep runs it after "
                                                                 "each job)")
@@ -554,6 +628,14 @@ def main() -> None:
     if len(args.shard) != 2 or not 0 <= args.shard[0] < args.shard[1]:
         parser.error(f"--shard must be I/N with 0 <= I < N, got {'/'.join(map(str, args.shard))}")
     quiet_lightning()
+    if args.plan:
+        settings = {"epochs": args.epochs, "train": args.train, "probes": args.probes, "aa_probes": args.aa_probes}
+        standard_rows = [RESULTS / f"{data}_standard.jsonl" for data in RADII]
+        print(f"machine: {machine()}\n")
+        print(plan(sweep_jobs(settings), [row for data in RADII for row in load_rows(data)],
+                   [recorded(json.loads(line)) for path in standard_rows if path.exists()
+                    for line in path.read_text().splitlines()]))
+        return
     if args.report:
         standard_rows = RESULTS / f"{args.data}_standard.jsonl"
         rows, probes = load_rows(args.data), load_probes(sorted(RESUME.glob(f"{args.data}_*/probes.jsonl")))

@@ -200,3 +200,32 @@ def test_curves_figure_run_under_way():
         assert _near(_pixel(figure, ax, 0, PLAIN_ESTIMATE[0], pixels, 80), (31, 119, 180))  # the estimate's dot
         assert _near(_pixel(figure, ax, 0, CLEAN, pixels, 80), (178, 178, 178), tolerance=10)  # clean, grey 0.7
         assert (_pixel(figure, ax, 2.5, 0.35, pixels, 80) == 255).all()  # no data after epoch 0 (off the grid)
+
+
+def test_plan_counts_what_the_sweep_has_left():
+    """`bench/tracking.py --plan` on rows with known rates: an ended job with its selected epoch attacked by the
+    standard AutoAttack has nothing left; a job at 1 of 2 epochs has one epoch (7200 s) and the median count of
+    standard AutoAttack epochs (1, at 3600 s) left, 3 core-hours; a data set with no rows has no rate."""
+    from bench.tracking import plan
+
+    def job(data: str, regime: str, seed: int) -> dict:
+        return {"data": data, "regime": regime, "seed": seed, "epochs": 2, "train": 100, "probes": 64,
+                "aa_probes": 32, "train_eps": 0.1, "recorded": "parts"}
+
+    keys = ("l2/0.5", "l2/1", "linf/0.05", "linf/0.1")
+    ended, under_way, unmeasured = job("fashion_mnist", "fgsm", 0), job("fashion_mnist", "plain", 1), \
+        job("cifar10", "plain", 0)
+    rows = [{**ended, "epoch": epoch, "estimate_s": 1.0, "fisher_s": 1.0, "pgd20_s": 8.0, "apgd_s": 90.0,
+             "train_s": 20.0, "lambda_max_median": 2.0 - epoch, "grad_norm_median": 2.0 - epoch,
+             **{f"{signal}/{key}": 0.1 * (1 + epoch) for key in keys
+                for signal in ("estimate_aa_probes", "linear_aa_probes", "apgd")}} for epoch in (0, 1)]
+    rows.append({**under_way, "epoch": 0, "estimate_s": 100.0, "pgd20_s": 100.0, "apgd_s": 7000.0})
+    standard = [{**ended, "epoch": 1, "aa_s": 3600.0}]
+    text = plan([ended, under_way, unmeasured], rows, standard)
+    lines = [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines()[2:5]]
+    assert lines[0] == ["fashion_mnist fgsm seed 0", "2 / 2", "100", "20", "0", "0.0"]
+    assert lines[1] == ["fashion_mnist plain seed 1", "1 / 2", "7200", "-", "1", "3.0"]
+    assert lines[2] == ["cifar10 plain seed 0", "0 / 2", "nan (other regimes)", "-", "1", "nan"]
+    assert text.splitlines()[-1].startswith("Left: 3 core-hours at the measured rates (the standard AutoAttack at "
+                                            "3600 s an epoch, 1 selected epochs per job)")
+    assert text.endswith("1 jobs without any measured rate.")
