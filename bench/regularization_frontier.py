@@ -273,17 +273,22 @@ def report(rows: list[dict], name: str, evaluated: int, stem: Path) -> str:
 
 
 def masking_section(rows: list[dict]) -> list[str]:
-    """PGD minus AutoAttack (APGD-CE + APGD-T) accuracy per method and setting, where the rows have both (rows
-    from before AutoAttack was added have none; the section is then absent)."""
+    """AutoAttack (APGD-CE + APGD-T) accuracy and PGD minus it per method and setting (in `SETTINGS` order), where
+    the rows have both (rows from before AutoAttack was added have none; the section is then absent)."""
     attacked = [row for row in rows if "aa_linf" in row]
     if not attacked:
         return []
-    lines = ["", "PGD minus AutoAttack accuracy (APGD-CE + APGD-T, `pyautoattack`), points, mean over seeds:", "",
-             "| method | setting | seeds | L-inf 8/255: PGD - AA | L2 0.5: PGD - AA |", "|---|---|---:|---:|---:|"]
-    for key in dict.fromkeys((row["method"], row["setting"]) for row in attacked):
+    lines = ["", "AutoAttack accuracy (APGD-CE + APGD-T, `pyautoattack`) and PGD minus it, points, mean over seeds:",
+             "",
+             "| method | setting | seeds | L-inf 8/255: AA | PGD - AA | L2 0.5: AA | PGD - AA |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    order = [(method, setting) for method, settings in SETTINGS.items() for setting in settings]
+    for key in sorted(dict.fromkeys((row["method"], row["setting"]) for row in attacked), key=order.index):
         group = [row for row in attacked if (row["method"], row["setting"]) == key]
-        gaps = [100 * np.mean([row[f"pgd_{norm}"] - row[f"aa_{norm}"] for row in group]) for norm in ("linf", "l2")]
-        lines.append(f"| {key[0]} | {key[1]} | {len(group)} | {gaps[0]:+.1f} | {gaps[1]:+.1f} |")
+        cells = [f"{np.mean([row[f'aa_{norm}'] for row in group]):.3f} | "
+                 f"{100 * np.mean([row[f'pgd_{norm}'] - row[f'aa_{norm}'] for row in group]):+.1f}"
+                 for norm in ("linf", "l2")]
+        lines.append(f"| {key[0]} | {key[1]} | {len(group)} | {cells[0]} | {cells[1]} |")
     return lines
 
 

@@ -39,3 +39,14 @@ def test_first_and_latest_rows():
     rerun = row("TRADES", "beta=6.0", 150.0, sharing=2, aa_l2=0.45, aa_linf=0.35)
     assert first([original, other, rerun]) == [original, other]
     assert latest([original, other, rerun]) == [rerun, other]
+
+
+def test_autoattack_section(tmp_path):
+    """AutoAttack's accuracy and PGD minus it, mean over seeds, in the search's order (TRADES before PGD-AT)."""
+    rows = [row("PGD-AT", "eps=8/255", 10.0, pgd_l2=0.5, aa_linf=0.3, aa_l2=0.45),
+            row("TRADES", "beta=6.0", 10.0, pgd_l2=0.5, aa_linf=0.35, aa_l2=0.40),
+            {**row("TRADES", "beta=6.0", 10.0, pgd_l2=0.5, aa_linf=0.25, aa_l2=0.44), "seed": 1}]
+    text = report(rows, "test", 500, tmp_path / "frontier_test")
+    section = text.split("PGD minus it, points, mean over seeds:")[1].split("\n\n")[1].splitlines()[2:]
+    assert section == ["| TRADES | beta=6.0 | 2 | 0.300 | +10.0 | 0.420 | +8.0 |",
+                       "| PGD-AT | eps=8/255 | 1 | 0.300 | +10.0 | 0.450 | +5.0 |"]
