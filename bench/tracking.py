@@ -404,19 +404,41 @@ def supersede(path: Path, rows) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def job_fields(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int,
+               train_eps: float | None = None, widths: tuple[int, ...] | list[int] | None = None) -> dict:
+    """A job's fields as its rows carry them (`train_eps` default `default_train_eps`, `widths` a list where
+    given)."""
+    job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
+           "aa_probes": aa_probes, "train_eps": default_train_eps(data, name) if train_eps is None else train_eps}
+    if widths:
+        job["widths"] = list(widths)
+    return job
+
+
+def load_standard(data: str) -> list[dict]:
+    """The standard AutoAttack rows of `data` (`<data>_standard.jsonl`)."""
+    path = RESULTS / f"{data}_standard.jsonl"
+    return [recorded(json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def standard_pending(job: dict, done: dict[int, dict], existing: dict[int, dict]) -> set[int]:
+    """The epochs of an ended job (rows `done`) at which the standard AutoAttack is still to run: those some
+    signal selects on the rescored rows, less those on record (`existing`)."""
+    folder = RESUME / job_name(job["data"], job["regime"], job["seed"], job["epochs"], job["train"],
+                               job["train_eps"], job.get("widths"))
+    return selected_epochs(rescored_job(done, folder), job["data"]) - set(existing)
+
+
 def run_job(data: str, name: str, seed: int, epochs: int, train: int, probes: int, aa_probes: int,
             train_eps: float | None = None, calibrate: bool = False, widths: tuple[int, ...] | None = None,
             restart: bool = False) -> bool:
     """One job, continued from its committed checkpoint (`RESUME`), or skipped where every epoch is on record;
     False where its rows cannot be continued (on record, but their checkpoint is lost), unless `restart`: then
     they move to the `supersede`d rows and the job starts again."""
-    train_eps = default_train_eps(data, name) if train_eps is None else train_eps
-    job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
-           "aa_probes": aa_probes, "train_eps": train_eps, "machine": machine()}
+    job = {**job_fields(data, name, seed, epochs, train, probes, aa_probes, train_eps, widths), "machine": machine()}
+    train_eps = job["train_eps"]
     if not calibrate:
         job.update(estimator=ESTIMATOR, recorded="parts", search="cut")  # the line search's stop (`robustness`)
-    if widths:
-        job["widths"] = list(widths)
     done = on_record(load_calibration() if calibrate else load_rows(data), job)
     label = f"{data} {name} seed {seed}"
     if len(done) >= epochs:
@@ -452,23 +474,20 @@ def standard(data: str, name: str, seed: int, epochs: int, train: int, probes: i
     """The standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; `pyautoattack`) at each AutoAttack radius on the
     first `aa_probes` probes, at every epoch some signal selects (`selected_epochs`, weights kept beside the job's
     checkpoint), for an ended job; rows appended to `<data>_standard.jsonl`, an epoch already there skipped."""
-    train_eps = default_train_eps(data, name) if train_eps is None else train_eps
-    job = {"data": data, "regime": name, "seed": seed, "epochs": epochs, "train": train, "probes": probes,
-           "aa_probes": aa_probes, "train_eps": train_eps, "estimator": ESTIMATOR, "recorded": "parts"}
-    if widths:
-        job["widths"] = list(widths)
+    job = {**job_fields(data, name, seed, epochs, train, probes, aa_probes, train_eps, widths),
+           "estimator": ESTIMATOR, "recorded": "parts"}
+    train_eps = job["train_eps"]
     done = on_record(load_rows(data), job)
     if len(done) < epochs:
         raise SystemExit(f"{data} {name} seed {seed}: {len(done)} of {epochs} epochs on record; the standard "
                          "AutoAttack runs at the checkpoints selected over the whole run")
     path = RESULTS / f"{data}_standard.jsonl"
-    existing = on_record([recorded(json.loads(line)) for line in path.read_text().splitlines()]
-                         if path.exists() else [], job)
+    existing = on_record(load_standard(data), job)
     datamodule = prepared(data, train)
     x, y = (t[:aa_probes] for t in datamodule.splits["test"].tensors)
     folder = RESUME / job_name(data, name, seed, epochs, train, train_eps, widths)
     rows = []
-    for epoch in sorted(selected_epochs(rescored_job(done, folder), data) - set(existing)):
+    for epoch in sorted(standard_pending(job, done, existing)):
         if not (folder / f"epoch{epoch}.pt").exists():  # selected by a rescored estimate after the job ended
             print(f"{data} {name} seed {seed}: epoch {epoch} is selected but its weights were not kept; the report "
                   "takes APGD there")
@@ -524,17 +543,15 @@ def cost(data: str, name: str, seed: int, epochs: int, train: int, probes: int, 
             f"(uncut {uncut / pgd:.3f})")
 
 
+def sweep_settings(settings: dict, data: str, name: str) -> dict:
+    """The command line's `settings` (epochs, train, probes, aa_probes) with a sweep job's `SWEEP_SETTINGS`."""
+    return {**settings, **SWEEP_SETTINGS.get((data, name), {})}
+
+
 def sweep_jobs(settings: dict) -> list[dict]:
-    """Every job of `SWEEP` with the command line's `settings` (epochs, train, probes, aa_probes) and its
-    `SWEEP_SETTINGS`, as the keys its rows carry."""
-    jobs = []
-    for data, name, seed in SWEEP:
-        job = {"data": data, "regime": name, "seed": seed, **settings, **SWEEP_SETTINGS.get((data, name), {}),
-               "train_eps": default_train_eps(data, name), "recorded": "parts"}
-        if "widths" in job:
-            job["widths"] = list(job["widths"])
-        jobs.append(job)
-    return jobs
+    """Every job of `SWEEP` with `sweep_settings`, as the keys its rows carry."""
+    return [{**job_fields(data, name, seed, **sweep_settings(settings, data, name)), "recorded": "parts"}
+            for data, name, seed in SWEEP]
 
 
 def evaluation_seconds(row: dict) -> float:
@@ -569,13 +586,8 @@ def plan(jobs: list[dict], rows: list[dict], standard: list[dict]) -> str:
         measured = measured or [row for row in rows if alike(row, job, False)]
         evaluation = median([evaluation_seconds(row) for row in measured])
         training = median([row["train_s"] for row in measured if "train_s" in row])
-        if len(done) >= job["epochs"]:  # the epochs `standard` runs: selected on the rescored rows
-            folder = RESUME / job_name(job["data"], job["regime"], job["seed"], job["epochs"], job["train"],
-                                       job["train_eps"], job.get("widths"))
-            chosen = selected_epochs(rescored_job(done, folder), job["data"])
-            standard_left = len(chosen - set(on_record(standard, job)))
-        else:
-            standard_left = selected
+        standard_left = (len(standard_pending(job, done, on_record(standard, job))) if len(done) >= job["epochs"]
+                         else selected)
         left = (job["epochs"] - len(done)) * (evaluation + (0.0 if math.isnan(training) else training))
         hours = (left + standard_left * standard_per_epoch) / 3600
         if math.isnan(hours):
@@ -628,19 +640,15 @@ def main() -> None:
     if len(args.shard) != 2 or not 0 <= args.shard[0] < args.shard[1]:
         parser.error(f"--shard must be I/N with 0 <= I < N, got {'/'.join(map(str, args.shard))}")
     quiet_lightning()
+    settings = {"epochs": args.epochs, "train": args.train, "probes": args.probes, "aa_probes": args.aa_probes}
     if args.plan:
-        settings = {"epochs": args.epochs, "train": args.train, "probes": args.probes, "aa_probes": args.aa_probes}
-        standard_rows = [RESULTS / f"{data}_standard.jsonl" for data in RADII]
         print(f"machine: {machine()}\n")
         print(plan(sweep_jobs(settings), [row for data in RADII for row in load_rows(data)],
-                   [recorded(json.loads(line)) for path in standard_rows if path.exists()
-                    for line in path.read_text().splitlines()]))
+                   [row for data in RADII for row in load_standard(data)]))
         return
     if args.report:
-        standard_rows = RESULTS / f"{args.data}_standard.jsonl"
         rows, probes = load_rows(args.data), load_probes(sorted(RESUME.glob(f"{args.data}_*/probes.jsonl")))
-        full = ([recorded(json.loads(line)) for line in standard_rows.read_text().splitlines()]
-                if standard_rows.exists() else [])
+        full = load_standard(args.data)
         text = report(args.data, rows, load_calibration(), full, probes)
         (RESULTS / f"{args.data}.md").write_text(text)
         if rows:
@@ -654,10 +662,9 @@ def main() -> None:
     if args.sweep:
         index, count = args.shard
         for data, name, seed in SWEEP[index::count]:  # a job that cannot be continued is skipped, with the reason
-            settings = {"epochs": args.epochs, "train": args.train, "probes": args.probes,
-                        "aa_probes": args.aa_probes, **SWEEP_SETTINGS.get((data, name), {})}
-            if run_job(data, name, seed, **settings):
-                standard(data, name, seed, **settings)
+            job_settings = sweep_settings(settings, data, name)
+            if run_job(data, name, seed, **job_settings):
+                standard(data, name, seed, **job_settings)
         return
     if args.standard:
         standard(args.data, args.regime, args.seed, args.epochs, args.train, args.probes, args.aa_probes,
